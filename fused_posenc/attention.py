@@ -1,0 +1,169 @@
+"""Public entry points: validate once, resolve the encoding, dispatch to a backend.
+
+Shapes and conventions (all backends):
+
+* ``q``: ``(batch, seqlen_q, nheads, headdim)``; ``k``: ``(batch, seqlen_k, nheads_kv, headdim)``;
+  ``v``: ``(batch, seqlen_k, nheads_kv, headdim_v)``; ``nheads % nheads_kv == 0`` (GQA/MQA: query
+  head ``h`` reads kv head ``h // (nheads // nheads_kv)``). Any strides; inputs are never modified.
+* Output: ``(batch, seqlen_q, nheads, headdim_v)`` in q's dtype.
+* Positions: integer tensors ``(seqlen,)`` or ``(batch, seqlen)``. Defaults: ``k_positions =
+  arange(Lk)``, ``q_positions = arange(Lk - Lq, Lk)`` (bottom-right aligned, as when decoding with
+  a KV cache).
+* ``causal``: key ``n`` is visible to query ``m`` iff ``k_pos[n] <= q_pos[m]``; a query row that
+  sees no key outputs zeros (and gets zero gradients), never NaN.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from .encodings import Encoding, get_encoding
+from .encodings.fope import FoPE
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class Problem:
+    """A validated attention call."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    encoding: Encoding
+    causal: bool
+    softmax_scale: Optional[float]
+    q_pos: torch.Tensor  # (Bp, Lq) int64
+    k_pos: torch.Tensor  # (Bp, Lk) int64
+
+    @property
+    def shape(self):
+        b, lq, h, d = self.q.shape
+        return b, lq, self.k.shape[1], h, self.k.shape[2], d, self.v.shape[3]
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must have 4 dims (batch, seqlen, heads, headdim), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _positions(name: str, pos, batch: int, seqlen: int, default_start: int, device) -> torch.Tensor:
+    if pos is None:
+        return torch.arange(default_start, default_start + seqlen, device=device)[None]
+    if not isinstance(pos, torch.Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor or None, got {type(pos).__name__}")
+    if pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (int32/int64), got {pos.dtype}")
+    if pos.device != device:
+        raise ValueError(f"{name} is on {pos.device} but q is on {device}")
+    if pos.dim() == 1:
+        pos = pos[None]
+    if pos.dim() != 2 or pos.shape[1] != seqlen or pos.shape[0] not in (1, batch):
+        raise ValueError(f"{name} must have shape ({seqlen},) or ({batch}, {seqlen}), got {tuple(pos.shape)}")
+    return pos.to(torch.int64)
+
+
+def prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions) -> Problem:
+    """Validate a call and return a :class:`Problem`; raises ``ValueError``/``TypeError`` naming the argument."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+    b, lq, h, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"batch sizes differ: q={b}, k={k.shape[0]}, v={v.shape[0]}")
+    if k.shape[3] != d:
+        raise ValueError(f"k's headdim must equal q's ({d}), got {k.shape[3]}")
+    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
+        raise ValueError(f"v must have k's seqlen and heads {tuple(k.shape[1:3])}, got {tuple(v.shape[1:3])}")
+    hkv = k.shape[2]
+    if h % hkv:
+        raise ValueError(f"nheads ({h}) must be divisible by nheads_kv ({hkv})")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        if not softmax_scale > 0 or softmax_scale == float("inf"):
+            raise ValueError(f"softmax_scale must be a finite positive number, got {softmax_scale}")
+        softmax_scale = float(softmax_scale)
+    enc = resolve_encoding(encoding, d, h)
+    enc.validate(d, h, hkv, b)
+    lk = k.shape[1]
+    q_pos = _positions("q_positions", q_positions, b, lq, lk - lq, q.device)
+    k_pos = _positions("k_positions", k_positions, b, lk, 0, q.device)
+    return Problem(q, k, v, enc, causal, softmax_scale, q_pos, k_pos)
+
+
+def resolve_encoding(encoding, head_dim: int, nheads: int) -> Encoding:
+    """A name or instance to an instance; ``"fope"`` by name is built for q's head dim and head count."""
+    if isinstance(encoding, str) and encoding.lower() == "fope":
+        if head_dim % 2 or head_dim < 4:
+            raise ValueError(f"fope needs an even headdim >= 4, got headdim={head_dim}")
+        return _default_fope(head_dim, nheads)
+    return get_encoding(encoding)
+
+
+_FOPE_CACHE: dict = {}
+
+
+def _default_fope(head_dim: int, nheads: int) -> FoPE:
+    key = (head_dim, nheads)
+    if key not in _FOPE_CACHE:
+        _FOPE_CACHE[key] = get_encoding("fope", head_dim=head_dim, num_heads=nheads)
+    return _FOPE_CACHE[key]
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encoding: Union[str, Encoding] = "rope",
+                        *, causal: bool = False, softmax_scale: Optional[float] = None,
+                        q_positions: Optional[torch.Tensor] = None,
+                        k_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Plain-PyTorch attention with a positional encoding, materialising the scores (the oracle).
+
+    Same arguments and conventions as :func:`fused_attention` (minus ``backend``). Runs in the
+    inputs' dtype (use float64 inputs for a float64 oracle); differentiable w.r.t. q, k, v and the
+    encoding's parameters. Memory is O(batch * nheads * seqlen_q * seqlen_k).
+    """
+    from .reference import attention_math
+
+    p = prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions)
+    return attention_math(p.q, p.k, p.v, p.encoding, p.causal, p.softmax_scale, p.q_pos, p.k_pos)
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encoding: Union[str, Encoding] = "rope",
+                    *, causal: bool = False, softmax_scale: Optional[float] = None,
+                    q_positions: Optional[torch.Tensor] = None, k_positions: Optional[torch.Tensor] = None,
+                    backend: str = "auto") -> torch.Tensor:
+    """Exact attention with the positional encoding computed inside the kernel.
+
+    Args:
+        q: ``(batch, seqlen_q, nheads, headdim)``.
+        k: ``(batch, seqlen_k, nheads_kv, headdim)``, ``nheads % nheads_kv == 0``.
+        v: ``(batch, seqlen_k, nheads_kv, headdim_v)``.
+        encoding: ``"none" | "rope" | "hope" | "fope" | "alibi" | "tapa"`` or an instance
+            (:class:`RoPE`, :class:`FoPE`, ...).
+        causal: key ``n`` visible to query ``m`` iff ``k_pos[n] <= q_pos[m]``.
+        softmax_scale: defaults to ``1/sqrt(headdim)`` (TAPA: multiplies its amplitude term).
+        q_positions, k_positions: integer ``(seqlen,)`` or ``(batch, seqlen)``; defaults
+            ``arange(Lk - Lq, Lk)`` and ``arange(Lk)``.
+        backend: ``"auto"`` (the fastest available backend supporting the inputs; the environment
+            variable ``FUSED_POSENC_BACKEND`` overrides it), ``"triton"``, ``"cuda"``, ``"cpu"`` or
+            ``"torch"`` (the reference).
+
+    Returns:
+        ``(batch, seqlen_q, nheads, headdim_v)`` in q's dtype.
+    """
+    from .backends import select_backend
+
+    p = prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions)
+    return select_backend(backend, p).run(p)

@@ -1,0 +1,41 @@
+"""The materialised PyTorch oracle: every backend is tested against this.
+
+It builds the full ``(B, H, Lq, Lk)`` score matrix from each encoding's naive math
+(``encodings/*``), so it is O(seqlen^2) in memory and meant for tests and small problems. It runs
+in the inputs' dtype (float64 inputs give a float64 oracle); angles and tables are float32 or
+float64, never the input dtype; the softmax runs in float32 or better.
+"""
+from __future__ import annotations
+
+import torch
+
+from .encodings.base import Encoding
+
+
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enc: Encoding, causal: bool,
+                   softmax_scale, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Reference attention on validated inputs.
+
+    q: (B, Lq, H, D); k: (B, Lk, Hkv, D); v: (B, Lk, Hkv, Dv); q_pos: (Bp, Lq), k_pos: (Bp, Lk) int64.
+    Returns (B, Lq, H, Dv) in q's dtype. Differentiable w.r.t. q, k, v and encoding parameters.
+    """
+    nheads, nheads_kv = q.shape[2], k.shape[2]
+    group = nheads // nheads_kv
+    if group > 1:
+        k = k.repeat_interleave(group, dim=2)
+        v = v.repeat_interleave(group, dim=2)
+    if enc.is_rotation:
+        q = enc.rotate(q, q_pos, nheads, nheads_kv)
+        k = enc.rotate(k, k_pos, nheads, nheads_kv)
+    scores = enc.scores(q, k, q_pos, k_pos, softmax_scale)  # (B, H, Lq, Lk)
+    sm_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = scores.to(sm_dtype)
+    if causal:
+        visible = k_pos[:, None, :] <= q_pos[:, :, None]  # (Bp, Lq, Lk)
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        empty = ~visible.any(-1)  # (Bp, Lq): rows that see no key output zeros
+        scores = scores.masked_fill(empty[:, None, :, None], 0.0)
+    p = torch.softmax(scores, dim=-1)
+    if causal:
+        p = p.masked_fill(empty[:, None, :, None], 0.0)
+    return torch.einsum("bhmn,bnhd->bmhd", p.to(v.dtype), v)
