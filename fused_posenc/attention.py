@@ -37,6 +37,7 @@ class Problem:
     softmax_scale: Optional[float]
     q_pos: torch.Tensor  # (Bp, Lq) int64
     k_pos: torch.Tensor  # (Bp, Lk) int64
+    default_positions: bool = False  # both position tensors were defaulted (arange, bottom-right aligned)
 
     @property
     def shape(self):
@@ -102,7 +103,8 @@ def prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions) 
     lk = k.shape[1]
     q_pos = _positions("q_positions", q_positions, b, lq, lk - lq, q.device)
     k_pos = _positions("k_positions", k_positions, b, lk, 0, q.device)
-    return Problem(q, k, v, enc, causal, softmax_scale, q_pos, k_pos)
+    return Problem(q, k, v, enc, causal, softmax_scale, q_pos, k_pos,
+                   default_positions=q_positions is None and k_positions is None)
 
 
 def resolve_encoding(encoding, head_dim: int, nheads: int) -> Encoding:

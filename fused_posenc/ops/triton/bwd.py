@@ -1,0 +1,296 @@
+"""Attention backward: delta = rowsum(dO * O), then a dk/dv kernel (key blocks stationary) and a dq
+kernel (query blocks stationary). Both recompute the encoding; rotated-frame gradients are rotated
+back with the transposed rotation; FoPE also emits per-row table gradients for its coefficients."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fwd import dot_precision, enc_args
+from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, LOG2E, load_encoded, load_part, part_dots, part_offsets,
+                    positions, rotate, rotate_back, rotation_tables, score_grads, scores_log2, store_part, visible)
+from .plan import Plan, interpreter
+
+
+@triton.jit
+def attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_od,
+                               stride_dob, stride_dot, stride_doh, stride_dod, LQ, H, DV,
+                               BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    i_b = (pid_bh // H).to(tl.int64)
+    i_h = (pid_bh % H).to(tl.int64)
+    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < LQ
+    o_dv = tl.arange(0, BLOCK_DV)
+    mask = m_m[:, None] & (o_dv < DV)[None, :]
+    b_o = tl.load(O + i_b * stride_ob + i_h * stride_oh + o_m[:, None].to(tl.int64) * stride_ot + o_dv[None, :] * stride_od,
+                  mask=mask, other=0.0).to(tl.float32)
+    b_do = tl.load(DO + i_b * stride_dob + i_h * stride_doh + o_m[:, None].to(tl.int64) * stride_dot
+                   + o_dv[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * LQ + o_m, tl.sum(b_o * b_do, 1), mask=m_m)
+
+
+def bwd_configs(block_stationary: str, block_stream: str):
+    if interpreter():
+        return [triton.Config({block_stationary: 16, block_stream: 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({block_stationary: a, block_stream: c}, num_warps=w, num_stages=s)
+            for a, c, w, s in [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2)]]
+
+
+_KEY = ["BLOCK_P1", "BLOCK_P2", "BLOCK_DV", "ENC", "CAUSAL", "ROTATE_STREAM", "DEFAULT_POS", "GATHER", "DTYPE_KEY"]
+
+
+@triton.autotune(configs=bwd_configs("BLOCK_N", "BLOCK_M"), key=_KEY)
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DCK, DSK, QPOS, KPOS, IDX1, IDX2,
+    FREQ, FSCALE, FW, FA, FB, FPAD, SLOPES,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_dob, stride_dot, stride_doh, stride_dod,
+    stride_dkb, stride_dkt, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvt, stride_dvh, stride_dvd,
+    stride_qpos_b, stride_kpos_b, stride_slope_b,
+    LQ, LK, H, HKV, Q_GROUP, P1, P2, DV, NF, q_pos_offset,
+    scale, phase, alpha,
+    ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr,
+    ROTATE_STREAM: tl.constexpr, FOPE_GRAD: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """One block of keys of one kv head; loops over the query heads of its group and all query blocks.
+
+    Q is the raw q (``ROTATE_STREAM``) or q pre-rotated per query head; K, V, DK, DV are per kv head.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    i_b = pid_bh // HKV
+    i_hk = pid_bh % HKV
+    i_b64 = i_b.to(tl.int64)
+    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < LK
+    o_p1 = tl.arange(0, BLOCK_P1)
+    m_p1 = o_p1 < P1
+    o_p2 = tl.arange(0, BLOCK_P2)
+    m_p2 = o_p2 < P2
+    o_d1 = part_offsets(IDX1, o_p1, m_p1, 0, GATHER)
+    o_d2 = part_offsets(IDX2, o_p2, m_p2, P1, GATHER)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_dv = o_dv < DV
+    ROTATION: tl.constexpr = (ENC == ENC_ROTARY) or (ENC == ENC_FOPE)
+
+    pos_n = positions(KPOS + i_b64 * stride_kpos_b, o_n, m_n, 0, DEFAULT_POS)
+    p_k = K + i_b64 * stride_kb + i_hk.to(tl.int64) * stride_kh
+    b_k1 = load_part(p_k, o_n, m_n, o_d1, m_p1, stride_kt, stride_kd)  # [BN, BP1] raw
+    b_k2 = load_part(p_k, o_n, m_n, o_d2, m_p2, stride_kt, stride_kd)
+    b_v = tl.load(V + i_b64 * stride_vb + i_hk.to(tl.int64) * stride_vh + o_n[:, None].to(tl.int64) * stride_vt
+                  + o_dv[None, :] * stride_vd, mask=m_n[:, None] & m_dv[None, :], other=0.0)  # [BN, BDV]
+
+    b_dk1 = tl.zeros([BLOCK_N, BLOCK_P1], dtype=tl.float32)
+    b_dk2 = tl.zeros([BLOCK_N, BLOCK_P2], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    lo = 0
+    if CAUSAL and DEFAULT_POS:
+        # queries whose position reaches this block's first key
+        lo = tl.maximum(pid_n * BLOCK_N - q_pos_offset, 0) // BLOCK_M * BLOCK_M
+    for g in range(0, Q_GROUP):
+        i_h = i_hk * Q_GROUP + g
+        b_kr1 = b_k1
+        b_kr2 = b_k2
+        if ROTATION:
+            b_cos, b_sin = rotation_tables(pos_n, i_h, FREQ, FSCALE, FW, FA, FB, FPAD, o_p1, m_p1, P1, NF,
+                                           ENC, BLOCK_F)
+            b_r1, b_r2 = rotate(b_k1, b_k2, b_cos, b_sin)
+            b_kr1 = b_r1.to(b_k1.dtype)
+            b_kr2 = b_r2.to(b_k2.dtype)
+        slope = 0.0
+        if ENC == ENC_ALIBI:
+            slope = tl.load(SLOPES + i_b * stride_slope_b + i_h)
+        p_q = Q + i_b64 * stride_qb + i_h.to(tl.int64) * stride_qh
+        p_do = DO + i_b64 * stride_dob + i_h.to(tl.int64) * stride_doh
+        p_lse = LSE + (i_b64 * H + i_h) * LQ
+        p_delta = DELTA + (i_b64 * H + i_h) * LQ
+        b_dkr1 = tl.zeros([BLOCK_N, BLOCK_P1], dtype=tl.float32)
+        b_dkr2 = tl.zeros([BLOCK_N, BLOCK_P2], dtype=tl.float32)
+        for start_m in range(lo, LQ, BLOCK_M):
+            o_m = start_m + tl.arange(0, BLOCK_M)
+            m_m = o_m < LQ
+            pos_m = positions(QPOS + i_b64 * stride_qpos_b, o_m, m_m, q_pos_offset, DEFAULT_POS)
+            b_q1, b_q2 = load_encoded(p_q, o_m, m_m, o_d1, m_p1, o_d2, m_p2, stride_qt, stride_qd, pos_m, i_h,
+                                      FREQ, FSCALE, FW, FA, FB, FPAD, o_p1, m_p1, P1, NF, ENC, ROTATE_STREAM,
+                                      BLOCK_F)
+            b_do = tl.load(p_do + o_m[:, None].to(tl.int64) * stride_dot + o_dv[None, :] * stride_dod,
+                           mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
+            b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf"))
+            b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
+            b_d1, b_d2 = part_dots(b_q1, b_q2, b_kr1, b_kr2, ENC, PREC)
+            b_s = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, phase, alpha, ENC)
+            b_p = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL), tl.exp2(b_s - b_lse[:, None]), 0.0)
+            b_dv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, b_dv, input_precision=PREC)
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)  # [BM, BN]
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_g1, b_g2 = score_grads(b_ds, b_d1, b_d2, pos_m, pos_n, scale, phase, alpha, ENC)
+            b_dkr1 = tl.dot(tl.trans(b_g1.to(b_q1.dtype)), b_q1, b_dkr1, input_precision=PREC)
+            b_dkr2 = tl.dot(tl.trans(b_g2.to(b_q2.dtype)), b_q2, b_dkr2, input_precision=PREC)
+        if ROTATION:
+            b_u1, b_u2 = rotate_back(b_dkr1, b_dkr2, b_cos, b_sin)
+            b_dk1 += b_u1
+            b_dk2 += b_u2
+            if FOPE_GRAD:
+                # table gradients of this head's keys: dC = g1 k1 + g2 k2, dS = g2 k1 - g1 k2
+                b_kf1 = b_k1.to(tl.float32)
+                b_kf2 = b_k2.to(tl.float32)
+                o_tab = ((i_b64 * LK + o_n[:, None].to(tl.int64)) * H + i_h) * P1 + o_p1[None, :]
+                m_tab = m_n[:, None] & m_p1[None, :]
+                tl.store(DCK + o_tab, b_dkr1 * b_kf1 + b_dkr2 * b_kf2, mask=m_tab)
+                tl.store(DSK + o_tab, b_dkr2 * b_kf1 - b_dkr1 * b_kf2, mask=m_tab)
+        else:
+            b_dk1 += b_dkr1
+            b_dk2 += b_dkr2
+
+    p_dk = DK + i_b64 * stride_dkb + i_hk.to(tl.int64) * stride_dkh
+    store_part(p_dk, b_dk1.to(DK.dtype.element_ty), o_n, m_n, o_d1, m_p1, stride_dkt, stride_dkd)
+    store_part(p_dk, b_dk2.to(DK.dtype.element_ty), o_n, m_n, o_d2, m_p2, stride_dkt, stride_dkd)
+    tl.store(DV_OUT + i_b64 * stride_dvb + i_hk.to(tl.int64) * stride_dvh + o_n[:, None].to(tl.int64) * stride_dvt
+             + o_dv[None, :] * stride_dvd, b_dv.to(DV_OUT.dtype.element_ty), mask=m_n[:, None] & m_dv[None, :])
+
+
+@triton.autotune(configs=bwd_configs("BLOCK_M", "BLOCK_N"), key=_KEY)
+@triton.jit
+def attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DCQ, DSQ, QPOS, KPOS, IDX1, IDX2,
+    FREQ, FSCALE, FW, FA, FB, FPAD, SLOPES,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_dob, stride_dot, stride_doh, stride_dod,
+    stride_dqb, stride_dqt, stride_dqh, stride_dqd,
+    stride_qpos_b, stride_kpos_b, stride_slope_b,
+    LQ, LK, H, KV_GROUP, K_GROUP, P1, P2, DV, NF, q_pos_offset,
+    scale, phase, alpha,
+    ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr,
+    ROTATE_STREAM: tl.constexpr, FOPE_GRAD: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """One block of queries of one head; K is raw (``ROTATE_STREAM``) or pre-rotated."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    i_b = pid_bh // H
+    i_h = pid_bh % H
+    i_b64 = i_b.to(tl.int64)
+    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < LQ
+    o_p1 = tl.arange(0, BLOCK_P1)
+    m_p1 = o_p1 < P1
+    o_p2 = tl.arange(0, BLOCK_P2)
+    m_p2 = o_p2 < P2
+    o_d1 = part_offsets(IDX1, o_p1, m_p1, 0, GATHER)
+    o_d2 = part_offsets(IDX2, o_p2, m_p2, P1, GATHER)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_dv = o_dv < DV
+    ROTATION: tl.constexpr = (ENC == ENC_ROTARY) or (ENC == ENC_FOPE)
+
+    pos_m = positions(QPOS + i_b64 * stride_qpos_b, o_m, m_m, q_pos_offset, DEFAULT_POS)
+    p_q = Q + i_b64 * stride_qb + i_h.to(tl.int64) * stride_qh
+    b_q1 = load_part(p_q, o_m, m_m, o_d1, m_p1, stride_qt, stride_qd)
+    b_q2 = load_part(p_q, o_m, m_m, o_d2, m_p2, stride_qt, stride_qd)
+    b_qr1 = b_q1
+    b_qr2 = b_q2
+    if ROTATION:
+        b_cos, b_sin = rotation_tables(pos_m, i_h, FREQ, FSCALE, FW, FA, FB, FPAD, o_p1, m_p1, P1, NF, ENC, BLOCK_F)
+        b_r1, b_r2 = rotate(b_q1, b_q2, b_cos, b_sin)
+        b_qr1 = b_r1.to(b_q1.dtype)
+        b_qr2 = b_r2.to(b_q2.dtype)
+    slope = 0.0
+    if ENC == ENC_ALIBI:
+        slope = tl.load(SLOPES + i_b * stride_slope_b + i_h)
+    b_do = tl.load(DO + i_b64 * stride_dob + i_h.to(tl.int64) * stride_doh + o_m[:, None].to(tl.int64) * stride_dot
+                   + o_dv[None, :] * stride_dod, mask=m_m[:, None] & m_dv[None, :], other=0.0)
+    b_lse = tl.load(LSE + pid_bh.to(tl.int64) * LQ + o_m, mask=m_m, other=float("inf"))
+    b_delta = tl.load(DELTA + pid_bh.to(tl.int64) * LQ + o_m, mask=m_m, other=0.0)
+    p_k = K + i_b64 * stride_kb + (i_h // K_GROUP).to(tl.int64) * stride_kh
+    p_v = V + i_b64 * stride_vb + (i_h // KV_GROUP).to(tl.int64) * stride_vh
+
+    b_dq1 = tl.zeros([BLOCK_M, BLOCK_P1], dtype=tl.float32)
+    b_dq2 = tl.zeros([BLOCK_M, BLOCK_P2], dtype=tl.float32)
+    hi = LK
+    if CAUSAL and DEFAULT_POS:
+        hi = tl.minimum(LK, tl.maximum((pid_m + 1) * BLOCK_M + q_pos_offset, 0))
+    for start_n in range(0, hi, BLOCK_N):
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        m_n = o_n < LK
+        pos_n = positions(KPOS + i_b64 * stride_kpos_b, o_n, m_n, 0, DEFAULT_POS)
+        b_k1, b_k2 = load_encoded(p_k, o_n, m_n, o_d1, m_p1, o_d2, m_p2, stride_kt, stride_kd, pos_n, i_h,
+                                  FREQ, FSCALE, FW, FA, FB, FPAD, o_p1, m_p1, P1, NF, ENC, ROTATE_STREAM, BLOCK_F)
+        b_v = tl.load(p_v + o_n[:, None].to(tl.int64) * stride_vt + o_dv[None, :] * stride_vd,
+                      mask=m_n[:, None] & m_dv[None, :], other=0.0)
+        b_d1, b_d2 = part_dots(b_qr1, b_qr2, b_k1, b_k2, ENC, PREC)
+        b_s = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, phase, alpha, ENC)
+        b_p = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL), tl.exp2(b_s - b_lse[:, None]), 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_g1, b_g2 = score_grads(b_ds, b_d1, b_d2, pos_m, pos_n, scale, phase, alpha, ENC)
+        b_dq1 = tl.dot(b_g1.to(b_k1.dtype), b_k1, b_dq1, input_precision=PREC)
+        b_dq2 = tl.dot(b_g2.to(b_k2.dtype), b_k2, b_dq2, input_precision=PREC)
+
+    if ROTATION:
+        if FOPE_GRAD:
+            b_qf1 = b_q1.to(tl.float32)
+            b_qf2 = b_q2.to(tl.float32)
+            o_tab = ((i_b64 * LQ + o_m[:, None].to(tl.int64)) * H + i_h) * P1 + o_p1[None, :]
+            m_tab = m_m[:, None] & m_p1[None, :]
+            tl.store(DCQ + o_tab, b_dq1 * b_qf1 + b_dq2 * b_qf2, mask=m_tab)
+            tl.store(DSQ + o_tab, b_dq2 * b_qf1 - b_dq1 * b_qf2, mask=m_tab)
+        b_dq1, b_dq2 = rotate_back(b_dq1, b_dq2, b_cos, b_sin)
+    p_dq = DQ + i_b64 * stride_dqb + i_h.to(tl.int64) * stride_dqh
+    store_part(p_dq, b_dq1.to(DQ.dtype.element_ty), o_m, m_m, o_d1, m_p1, stride_dqt, stride_dqd)
+    store_part(p_dq, b_dq2.to(DQ.dtype.element_ty), o_m, m_m, o_d2, m_p2, stride_dqt, stride_dqd)
+
+
+def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool,
+             rotate_stream: bool, q_rot=None, k_rot=None):
+    """Launch the backward kernels.
+
+    ``q_rot`` (B, Lq, H, D) and ``k_rot`` (B, Lk, Hk', D) are the pre-rotated streaming operands
+    (used when ``rotate_stream`` is False). Returns ``dq, dk, dv`` and, for learnable FoPE, the table
+    gradients ``(dC, dS)`` of shape (rows, H, P) for the queries and the keys (else ``None``).
+    """
+    b, lq, h, d = q.shape
+    lk, hkv, dv = v.shape[1], v.shape[2], v.shape[3]
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv_ = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    delta = torch.empty(b, h, lq, device=q.device, dtype=torch.float32)
+    block_dv = triton.next_power_of_2(max(dv, 16))
+    attn_bwd_preprocess_kernel[(triton.cdiv(lq, 64), b * h)](
+        out, do, delta, *out.stride(), *do.stride(), lq, h, dv, BLOCK_M=64, BLOCK_DV=block_dv)
+    fope_grad = plan.enc == 2 and plan.fope_learnable
+    if fope_grad:
+        tabs = [torch.zeros(b, n, h, plan.p1, device=q.device, dtype=torch.float32) for n in (lq, lq, lk, lk)]
+    else:
+        tabs = [plan.freq] * 4
+    q_stream = q if (rotate_stream or not plan.rotation) else q_rot
+    k_stream = k if (rotate_stream or not plan.rotation) else k_rot
+    pos_strides = (q_pos.stride(0) if q_pos.shape[0] > 1 else 0, k_pos.stride(0) if k_pos.shape[0] > 1 else 0,
+                   plan.slope_stride_b)
+    common = dict(ENC=plan.enc, CAUSAL=causal, DEFAULT_POS=default_pos, GATHER=plan.gather,
+                  ROTATE_STREAM=rotate_stream, FOPE_GRAD=fope_grad, PREC=dot_precision(q.dtype),
+                  DTYPE_KEY=str(q.dtype), BLOCK_P1=plan.block_p1, BLOCK_P2=plan.block_p2, BLOCK_DV=block_dv,
+                  BLOCK_F=plan.block_f)
+    scalars = (plan.p1, plan.p2, dv, plan.nf, lk - lq, plan.scale, plan.phase, plan.alpha)
+
+    attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b * hkv)](
+        q_stream, k, v, do, lse, delta, dk, dv_, tabs[2], tabs[3], q_pos, k_pos, plan.idx1, plan.idx2,
+        *enc_args(plan), *q_stream.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv_.stride(),
+        *pos_strides, lq, lk, h, hkv, h // hkv, *scalars, **common)
+    attn_bwd_dq_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * h)](
+        q, k_stream, v, do, lse, delta, dq, tabs[0], tabs[1], q_pos, k_pos, plan.idx1, plan.idx2,
+        *enc_args(plan), *q.stride(), *k_stream.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        *pos_strides, lq, lk, h, h // hkv, h // k_stream.shape[2], *scalars, **common)
+    tables = (tabs[0], tabs[1], tabs[2], tabs[3]) if fope_grad else None
+    return dq, dk, dv_, tables

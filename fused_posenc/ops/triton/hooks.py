@@ -1,0 +1,175 @@
+"""Encoding hooks shared by every Triton attention kernel (forward, backward, prologue).
+
+Every kernel sees a head as two parts ``x = (x1, x2)`` selected by index maps: the two halves of
+each rotated pair for RoPE/HoPE/FoPE, amplitude and phase dims for TAPA, and an arbitrary split for
+NoPE/ALiBi. Scores are ``dot(q1, k1) + dot(q2, k2)`` (or a function of the two dots for TAPA), so
+rotations and their transposes are elementwise on the parts. Derivations: README.md beside this file.
+"""
+import triton
+import triton.language as tl
+
+ENC_NONE = tl.constexpr(0)
+ENC_ROTARY = tl.constexpr(1)
+ENC_FOPE = tl.constexpr(2)
+ENC_ALIBI = tl.constexpr(3)
+ENC_TAPA = tl.constexpr(4)
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def part_offsets(p_idx, o_p, m_p, start, GATHER: tl.constexpr):
+    """Head-dim offsets of one part: ``start + o_p`` or a gather through an index map."""
+    if GATHER:
+        o_d = tl.load(p_idx + o_p, mask=m_p, other=0)
+    else:
+        o_d = start + o_p
+    return o_d
+
+
+@triton.jit
+def positions(p_pos, o_r, m_r, pos_offset, DEFAULT_POS: tl.constexpr):
+    """Integer positions of rows ``o_r``: ``o_r + pos_offset`` by default, else loaded."""
+    if DEFAULT_POS:
+        pos = o_r.to(tl.int64) + pos_offset
+    else:
+        pos = tl.load(p_pos + o_r, mask=m_r, other=0).to(tl.int64)
+    return pos
+
+
+@triton.jit
+def load_part(p_x, o_r, m_r, o_d, m_d, stride_t, stride_d):
+    """``[BR, BP]`` tile of rows ``o_r`` and head dims ``o_d``; zeros outside the masks."""
+    return tl.load(p_x + o_r[:, None].to(tl.int64) * stride_t + o_d[None, :] * stride_d,
+                   mask=m_r[:, None] & m_d[None, :], other=0.0)
+
+
+@triton.jit
+def store_part(p_x, val, o_r, m_r, o_d, m_d, stride_t, stride_d):
+    tl.store(p_x + o_r[:, None].to(tl.int64) * stride_t + o_d[None, :] * stride_d, val,
+             mask=m_r[:, None] & m_d[None, :])
+
+
+@triton.jit
+def rotation_tables(pos, head, p_freq, p_fscale, p_fw, p_fa, p_fb, p_fpad, o_p, m_p, P, NF,
+                    ENC: tl.constexpr, BLOCK_F: tl.constexpr):
+    """cos/sin tables ``[BR, BP]`` (float32) for rows at integer ``pos``.
+
+    RoPE/HoPE: ``cos(pos * freq_j) * scale_j``. FoPE: ``C = cos(pos * w) @ A[head] + pad``,
+    ``S = sin(pos * w) @ B[head] + pad`` with ``A, B`` of shape ``(H, NF, P)`` (zero for padded pairs).
+    """
+    posf = pos.to(tl.float32)
+    if ENC == ENC_FOPE:
+        o_f = tl.arange(0, BLOCK_F)
+        m_f = o_f < NF
+        w = tl.load(p_fw + o_f, mask=m_f, other=0.0)
+        ang = posf[:, None] * w[None, :]  # [BR, BF]
+        fc = tl.where(m_f[None, :], tl.cos(ang), 0.0)
+        fs = tl.where(m_f[None, :], tl.sin(ang), 0.0)
+        o_coef = head.to(tl.int64) * NF * P + o_f[:, None] * P + o_p[None, :]
+        m_coef = m_f[:, None] & m_p[None, :]
+        b_a = tl.load(p_fa + o_coef, mask=m_coef, other=0.0)  # [BF, BP]
+        b_b = tl.load(p_fb + o_coef, mask=m_coef, other=0.0)
+        pad = tl.load(p_fpad + o_p, mask=m_p, other=0.0)
+        cos = tl.dot(fc, b_a, input_precision="ieee") + pad[None, :]
+        sin = tl.dot(fs, b_b, input_precision="ieee") + pad[None, :]
+    else:
+        freq = tl.load(p_freq + o_p, mask=m_p, other=0.0)
+        scale = tl.load(p_fscale + o_p, mask=m_p, other=0.0)
+        ang = posf[:, None] * freq[None, :]  # [BR, BP]
+        cos = tl.cos(ang) * scale[None, :]
+        sin = tl.sin(ang) * scale[None, :]
+    return cos, sin
+
+
+@triton.jit
+def rotate(x1, x2, cos, sin):
+    """``(x1 c - x2 s, x2 c + x1 s)`` in float32."""
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def rotate_back(g1, g2, cos, sin):
+    """The transposed rotation: ``(g1 c + g2 s, g2 c - g1 s)``."""
+    return g1 * cos + g2 * sin, g2 * cos - g1 * sin
+
+
+@triton.jit
+def load_encoded(p_x, o_r, m_r, o_d1, m_d1, o_d2, m_d2, stride_t, stride_d, pos, head,
+                 p_freq, p_fscale, p_fw, p_fa, p_fb, p_fpad, o_p, m_p, P, NF,
+                 ENC: tl.constexpr, APPLY: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Load both parts of a tile and, if ``APPLY`` and the encoding rotates, rotate them.
+
+    Returns the parts in the input dtype (ready for ``tl.dot``).
+    """
+    x1 = load_part(p_x, o_r, m_r, o_d1, m_d1, stride_t, stride_d)
+    x2 = load_part(p_x, o_r, m_r, o_d2, m_d2, stride_t, stride_d)
+    if APPLY:
+        if (ENC == ENC_ROTARY) or (ENC == ENC_FOPE):
+            cos, sin = rotation_tables(pos, head, p_freq, p_fscale, p_fw, p_fa, p_fb, p_fpad, o_p, m_p, P, NF,
+                                       ENC, BLOCK_F)
+            y1, y2 = rotate(x1, x2, cos, sin)
+            x1 = y1.to(p_x.dtype.element_ty)
+            x2 = y2.to(p_x.dtype.element_ty)
+    return x1, x2
+
+
+@triton.jit
+def part_dots(q1, q2, k1, k2, ENC: tl.constexpr, PREC: tl.constexpr):
+    """``[BM, BN]`` dots of the parts: ``(q1.k1 + q2.k2, unused)``, or ``(q1.k1, q2.k2)`` for TAPA."""
+    d1 = tl.dot(q1, tl.trans(k1), input_precision=PREC)
+    if ENC == ENC_TAPA:
+        d2 = tl.dot(q2, tl.trans(k2), input_precision=PREC)
+    else:
+        d1 = tl.dot(q2, tl.trans(k2), d1, input_precision=PREC)
+        d2 = d1
+    return d1, d2
+
+
+@triton.jit
+def tapa_omega(pos_m, pos_n, phase, alpha):
+    """``phase * |m - n|^alpha`` (0 on the diagonal), float32 ``[BM, BN]``."""
+    dist = tl.abs(pos_m[:, None] - pos_n[None, :]).to(tl.float32)
+    return tl.where(dist > 0, tl.exp2(alpha * tl.log2(tl.maximum(dist, 1.0))), 0.0) * phase
+
+
+@triton.jit
+def scores_log2(d1, d2, pos_m, pos_n, scale, slope, phase, alpha, ENC: tl.constexpr):
+    """Scores in log2 units (``score * log2(e)``) from the part dots."""
+    if ENC == ENC_TAPA:
+        s = (d1 * scale) * tl.cos(tapa_omega(pos_m, pos_n, phase, alpha) * d2) * LOG2E
+    else:
+        s = d1 * (scale * LOG2E)
+        if ENC == ENC_ALIBI:
+            dist = tl.abs(pos_m[:, None] - pos_n[None, :]).to(tl.float32)
+            s = s - (slope * LOG2E) * dist
+    return s
+
+
+@triton.jit
+def score_grads(ds, d1, d2, pos_m, pos_n, scale, phase, alpha, ENC: tl.constexpr):
+    """Gradients w.r.t. the two part dots from ``ds = dL/dscore``.
+
+    Dot-based scores: both are ``ds * scale``. TAPA (``score = scale d1 cos(omega d2)``):
+    ``(ds scale cos(psi), -ds scale d1 sin(psi) omega)``.
+    """
+    if ENC == ENC_TAPA:
+        omega = tapa_omega(pos_m, pos_n, phase, alpha)
+        psi = omega * d2
+        g1 = ds * scale * tl.cos(psi)
+        g2 = -ds * (scale * d1) * tl.sin(psi) * omega
+    else:
+        g1 = ds * scale
+        g2 = g1
+    return g1, g2
+
+
+@triton.jit
+def visible(pos_m, pos_n, m_m, m_n, CAUSAL: tl.constexpr):
+    """``[BM, BN]`` mask of the (query, key) pairs that take part in the softmax."""
+    mask = m_m[:, None] & m_n[None, :]
+    if CAUSAL:
+        mask = mask & (pos_n[None, :] <= pos_m[:, None])
+    return mask
