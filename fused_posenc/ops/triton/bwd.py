@@ -10,7 +10,8 @@ import triton.language as tl
 from .fwd import dot_precision, enc_args
 from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, LOG2E, load_encoded, load_part, part_dots, part_offsets,
                     positions, rotate, rotate_back, rotation_tables, score_grads, scores_log2, store_part, visible)
-from .plan import Plan, interpreter
+from .plan import Plan
+from .tuning import configs, pruner
 
 
 @triton.jit
@@ -32,17 +33,11 @@ def attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, st
     tl.store(DELTA + pid_bh.to(tl.int64) * LQ + o_m, tl.sum(b_o * b_do, 1), mask=m_m)
 
 
-def bwd_configs(block_stationary: str, block_stream: str):
-    if interpreter():
-        return [triton.Config({block_stationary: 16, block_stream: 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({block_stationary: a, block_stream: c}, num_warps=w, num_stages=s)
-            for a, c, w, s in [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2)]]
-
-
 _KEY = ["BLOCK_P1", "BLOCK_P2", "BLOCK_DV", "ENC", "CAUSAL", "ROTATE_STREAM", "DEFAULT_POS", "GATHER", "DTYPE_KEY"]
 
 
-@triton.autotune(configs=bwd_configs("BLOCK_N", "BLOCK_M"), key=_KEY)
+@triton.autotune(configs=configs("bwd", ("BLOCK_N", "BLOCK_M")), prune_configs_by=pruner("bwd", ("BLOCK_N", "BLOCK_M")),
+                 key=_KEY)
 @triton.jit
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DCK, DSK, QPOS, KPOS, IDX1, IDX2,
@@ -159,7 +154,8 @@ def attn_bwd_dkdv_kernel(
              + o_dv[None, :] * stride_dvd, b_dv.to(DV_OUT.dtype.element_ty), mask=m_n[:, None] & m_dv[None, :])
 
 
-@triton.autotune(configs=bwd_configs("BLOCK_M", "BLOCK_N"), key=_KEY)
+@triton.autotune(configs=configs("bwd", ("BLOCK_M", "BLOCK_N")), prune_configs_by=pruner("bwd", ("BLOCK_M", "BLOCK_N")),
+                 key=_KEY)
 @triton.jit
 def attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DCQ, DSQ, QPOS, KPOS, IDX1, IDX2,

@@ -8,17 +8,12 @@ import triton
 import triton.language as tl
 
 from .hooks import (ENC_ALIBI, load_encoded, part_dots, part_offsets, positions, scores_log2, visible)
-from .plan import Plan, interpreter
+from .plan import Plan
+from .tuning import configs, pruner
 
 
-def fwd_configs():
-    if interpreter():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)]]
-
-
-@triton.autotune(configs=fwd_configs(), key=["BLOCK_P1", "BLOCK_P2", "BLOCK_DV", "ENC", "CAUSAL", "ROTATE_K",
+@triton.autotune(configs=configs("fwd", ("BLOCK_M", "BLOCK_N")), prune_configs_by=pruner("fwd", ("BLOCK_M", "BLOCK_N")),
+                 key=["BLOCK_P1", "BLOCK_P2", "BLOCK_DV", "ENC", "CAUSAL", "ROTATE_K",
                                              "DEFAULT_POS", "GATHER", "DTYPE_KEY"])
 @triton.jit
 def attn_fwd_kernel(

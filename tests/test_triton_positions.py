@@ -1,0 +1,33 @@
+"""Triton backend with explicit positions: per batch, unsorted, gaps, rows that see no key."""
+import pytest
+import torch
+
+from helpers import make_qkv
+from triton_cases import DEVICE, check_triton, needs_triton
+
+pytestmark = needs_triton
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("encoding", ["rope", "fope", "alibi", "tapa"])
+def test_batched_unsorted_positions(encoding, causal):
+    b, lq, lk, h, hkv, d = 2, 19, 35, 2, 1, 32
+    g = torch.Generator().manual_seed(7)
+    k_pos = torch.stack([torch.randperm(200, generator=g)[:lk] for _ in range(b)]).to(DEVICE)
+    q_pos = torch.randint(0, 220, (b, lq), generator=g).to(DEVICE)
+    q, k, v = make_qkv(b, lq, lk, h, hkv, d, torch.float32, DEVICE, seed=8)
+    check_triton(q, k, v, encoding, causal, q_positions=q_pos, k_positions=k_pos)
+
+
+@pytest.mark.parametrize("encoding", ["rope", "tapa"])
+def test_rows_without_visible_keys_are_zero(encoding):
+    b, lq, lk, h, d = 1, 16, 16, 2, 32
+    q, k, v = make_qkv(b, lq, lk, h, h, d, torch.float16, DEVICE, seed=9)
+    q_pos = torch.arange(lq, device=DEVICE) - 8  # the first 8 queries precede every key
+    k_pos = torch.arange(lk, device=DEVICE)
+    check_triton(q, k, v, encoding, True, q_positions=q_pos, k_positions=k_pos)
+    import fused_posenc as fp
+    out = fp.fused_attention(q, k, v, encoding, causal=True, q_positions=q_pos, k_positions=k_pos, backend="triton")
+    assert torch.equal(out[:, :8], torch.zeros_like(out[:, :8]))
+    (dq,) = torch.autograd.grad(out.float().sum(), [q])
+    assert torch.isfinite(dq).all() and torch.equal(dq[:, :8], torch.zeros_like(dq[:, :8]))
