@@ -10,7 +10,7 @@ import torch
 from fused_posenc import reference_attention
 
 # absolute floors per dtype (the reference in the input dtype can be near-exact on tiny problems)
-FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+FLOOR = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def make_qkv(batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, dtype, device="cpu", headdim_v=None,
@@ -55,7 +55,8 @@ def assert_fa_close(name: str, test: torch.Tensor, ref64: torch.Tensor, ref_lp: 
 def check_against_reference(fn, q, k, v, encoding, causal, factor=2.0, params_fn=None, floor=None, **kw):
     """Compare ``fn`` (a backend's attention with the same arguments) with the float64 reference and the
     reference in the input dtype, forward and every gradient (q, k, v and encoding parameters)."""
-    do = torch.randn_like(q[..., :1].expand(*q.shape[:-1], v.shape[-1]).float()).to(q.dtype)
+    g = torch.Generator().manual_seed(1234 + q.numel() + k.numel())  # the same upstream gradient in any test order
+    do = torch.randn(*q.shape[:-1], v.shape[-1], generator=g).to(device=q.device, dtype=q.dtype)
     params = list(params_fn()) if params_fn else []
 
     def ref(q_, k_, v_):

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fwd import dot_precision, enc_args
+from .fwd import dot_precision, enc_args, table_strides
 from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, LOG2E, load_encoded, load_part, part_dots, part_offsets,
                     positions, rotate, rotate_back, rotation_tables, score_grads, scores_log2, store_part, visible)
 from .plan import Plan
@@ -41,20 +41,20 @@ _KEY = ["BLOCK_P1", "BLOCK_P2", "BLOCK_DV", "ENC", "CAUSAL", "ROTATE_STREAM", "D
 @triton.jit
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DCK, DSK, QPOS, KPOS, IDX1, IDX2,
-    FREQ, FSCALE, FW, FA, FB, FPAD, SLOPES,
+    FREQ, FSCALE, TC, TS, SLOPES,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_dob, stride_dot, stride_doh, stride_dod,
     stride_dkb, stride_dkt, stride_dkh, stride_dkd,
     stride_dvb, stride_dvt, stride_dvh, stride_dvd,
-    stride_qpos_b, stride_kpos_b, stride_slope_b,
-    LQ, LK, H, HKV, Q_GROUP, P1, P2, DV, NF, q_pos_offset,
+    stride_qpos_b, stride_kpos_b, stride_slope_b, stride_tab_b, stride_tab_t,
+    LQ, LK, H, HKV, Q_GROUP, TAB_GROUP, P1, P2, DV, q_pos_offset,
     scale, phase, alpha,
     ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr,
     ROTATE_STREAM: tl.constexpr, FOPE_GRAD: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     """One block of keys of one kv head; loops over the query heads of its group and all query blocks.
 
@@ -78,6 +78,8 @@ def attn_bwd_dkdv_kernel(
     ROTATION: tl.constexpr = (ENC == ENC_ROTARY) or (ENC == ENC_FOPE)
 
     pos_n = positions(KPOS + i_b64 * stride_kpos_b, o_n, m_n, 0, DEFAULT_POS)
+    p_tc = TC + i_b64 * stride_tab_b
+    p_ts = TS + i_b64 * stride_tab_b
     p_k = K + i_b64 * stride_kb + i_hk.to(tl.int64) * stride_kh
     b_k1 = load_part(p_k, o_n, m_n, o_d1, m_p1, stride_kt, stride_kd)  # [BN, BP1] raw
     b_k2 = load_part(p_k, o_n, m_n, o_d2, m_p2, stride_kt, stride_kd)
@@ -97,8 +99,8 @@ def attn_bwd_dkdv_kernel(
         b_kr1 = b_k1
         b_kr2 = b_k2
         if ROTATION:
-            b_cos, b_sin = rotation_tables(pos_n, i_h, FREQ, FSCALE, FW, FA, FB, FPAD, o_p1, m_p1, P1, NF,
-                                           ENC, BLOCK_F)
+            b_cos, b_sin = rotation_tables(pos_n, o_n, m_n, i_h, FREQ, FSCALE, p_tc, p_ts, stride_tab_t, TAB_GROUP,
+                                           o_p1, m_p1, P1, ENC)
             b_r1, b_r2 = rotate(b_k1, b_k2, b_cos, b_sin)
             b_kr1 = b_r1.to(b_k1.dtype)
             b_kr2 = b_r2.to(b_k2.dtype)
@@ -115,9 +117,10 @@ def attn_bwd_dkdv_kernel(
             o_m = start_m + tl.arange(0, BLOCK_M)
             m_m = o_m < LQ
             pos_m = positions(QPOS + i_b64 * stride_qpos_b, o_m, m_m, q_pos_offset, DEFAULT_POS)
+            # inline rotation of the streaming queries: RoPE/HoPE only (FoPE queries come pre-rotated)
             b_q1, b_q2 = load_encoded(p_q, o_m, m_m, o_d1, m_p1, o_d2, m_p2, stride_qt, stride_qd, pos_m, i_h,
-                                      FREQ, FSCALE, FW, FA, FB, FPAD, o_p1, m_p1, P1, NF, ENC, ROTATE_STREAM,
-                                      BLOCK_F)
+                                      FREQ, FSCALE, p_tc, p_ts, stride_tab_t, TAB_GROUP, o_p1, m_p1, P1, ENC,
+                                      ROTATE_STREAM)
             b_do = tl.load(p_do + o_m[:, None].to(tl.int64) * stride_dot + o_dv[None, :] * stride_dod,
                            mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
             b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf"))
@@ -159,19 +162,19 @@ def attn_bwd_dkdv_kernel(
 @triton.jit
 def attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DCQ, DSQ, QPOS, KPOS, IDX1, IDX2,
-    FREQ, FSCALE, FW, FA, FB, FPAD, SLOPES,
+    FREQ, FSCALE, TC, TS, SLOPES,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_dob, stride_dot, stride_doh, stride_dod,
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
-    stride_qpos_b, stride_kpos_b, stride_slope_b,
-    LQ, LK, H, KV_GROUP, K_GROUP, P1, P2, DV, NF, q_pos_offset,
+    stride_qpos_b, stride_kpos_b, stride_slope_b, stride_tab_b, stride_tab_t,
+    LQ, LK, H, KV_GROUP, K_GROUP, TAB_GROUP, P1, P2, DV, q_pos_offset,
     scale, phase, alpha,
     ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr,
     ROTATE_STREAM: tl.constexpr, FOPE_GRAD: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     """One block of queries of one head; K is raw (``ROTATE_STREAM``) or pre-rotated."""
     pid_m = tl.program_id(0)
@@ -192,13 +195,16 @@ def attn_bwd_dq_kernel(
     ROTATION: tl.constexpr = (ENC == ENC_ROTARY) or (ENC == ENC_FOPE)
 
     pos_m = positions(QPOS + i_b64 * stride_qpos_b, o_m, m_m, q_pos_offset, DEFAULT_POS)
+    p_tc = TC + i_b64 * stride_tab_b
+    p_ts = TS + i_b64 * stride_tab_b
     p_q = Q + i_b64 * stride_qb + i_h.to(tl.int64) * stride_qh
     b_q1 = load_part(p_q, o_m, m_m, o_d1, m_p1, stride_qt, stride_qd)
     b_q2 = load_part(p_q, o_m, m_m, o_d2, m_p2, stride_qt, stride_qd)
     b_qr1 = b_q1
     b_qr2 = b_q2
     if ROTATION:
-        b_cos, b_sin = rotation_tables(pos_m, i_h, FREQ, FSCALE, FW, FA, FB, FPAD, o_p1, m_p1, P1, NF, ENC, BLOCK_F)
+        b_cos, b_sin = rotation_tables(pos_m, o_m, m_m, i_h, FREQ, FSCALE, p_tc, p_ts, stride_tab_t, TAB_GROUP,
+                                       o_p1, m_p1, P1, ENC)
         b_r1, b_r2 = rotate(b_q1, b_q2, b_cos, b_sin)
         b_qr1 = b_r1.to(b_q1.dtype)
         b_qr2 = b_r2.to(b_q2.dtype)
@@ -222,7 +228,7 @@ def attn_bwd_dq_kernel(
         m_n = o_n < LK
         pos_n = positions(KPOS + i_b64 * stride_kpos_b, o_n, m_n, 0, DEFAULT_POS)
         b_k1, b_k2 = load_encoded(p_k, o_n, m_n, o_d1, m_p1, o_d2, m_p2, stride_kt, stride_kd, pos_n, i_h,
-                                  FREQ, FSCALE, FW, FA, FB, FPAD, o_p1, m_p1, P1, NF, ENC, ROTATE_STREAM, BLOCK_F)
+                                  FREQ, FSCALE, p_tc, p_ts, stride_tab_t, TAB_GROUP, o_p1, m_p1, P1, ENC, ROTATE_STREAM)
         b_v = tl.load(p_v + o_n[:, None].to(tl.int64) * stride_vt + o_dv[None, :] * stride_vd,
                       mask=m_n[:, None] & m_dv[None, :], other=0.0)
         b_d1, b_d2 = part_dots(b_qr1, b_qr2, b_k1, b_k2, ENC, PREC)
@@ -249,12 +255,13 @@ def attn_bwd_dq_kernel(
 
 
 def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool,
-             rotate_stream: bool, q_rot=None, k_rot=None):
+             rotate_stream: bool, q_rot=None, k_rot=None, q_tables=None, k_tables=None):
     """Launch the backward kernels.
 
     ``q_rot`` (B, Lq, H, D) and ``k_rot`` (B, Lk, Hk', D) are the pre-rotated streaming operands
     (used when ``rotate_stream`` is False). Returns ``dq, dk, dv`` and, for learnable FoPE, the table
-    gradients ``(dC, dS)`` of shape (rows, H, P) for the queries and the keys (else ``None``).
+    gradients ``(dC, dS)`` of shape (B, rows, H, P) for the queries and the keys (else ``None``).
+    ``q_tables``/``k_tables``: FoPE ``(cos, sin)`` tables of the query and key rows.
     """
     b, lq, h, d = q.shape
     lk, hkv, dv = v.shape[1], v.shape[2], v.shape[3]
@@ -277,16 +284,18 @@ def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, defa
     common = dict(ENC=plan.enc, CAUSAL=causal, DEFAULT_POS=default_pos, GATHER=plan.gather,
                   ROTATE_STREAM=rotate_stream, FOPE_GRAD=fope_grad, PREC=dot_precision(q.dtype),
                   DTYPE_KEY=str(q.dtype), BLOCK_P1=plan.block_p1, BLOCK_P2=plan.block_p2, BLOCK_DV=block_dv,
-                  BLOCK_F=plan.block_f)
-    scalars = (plan.p1, plan.p2, dv, plan.nf, lk - lq, plan.scale, plan.phase, plan.alpha)
+)
+    scalars = (plan.p1, plan.p2, dv, lk - lq, plan.scale, plan.phase, plan.alpha)
+    kt_b, kt_t, kt_group = table_strides(plan, k_tables, h)
+    qt_b, qt_t, qt_group = table_strides(plan, q_tables, h)
 
     attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b * hkv)](
         q_stream, k, v, do, lse, delta, dk, dv_, tabs[2], tabs[3], q_pos, k_pos, plan.idx1, plan.idx2,
-        *enc_args(plan), *q_stream.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv_.stride(),
-        *pos_strides, lq, lk, h, hkv, h // hkv, *scalars, **common)
+        *enc_args(plan, k_tables), *q_stream.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+        *dv_.stride(), *pos_strides, kt_b, kt_t, lq, lk, h, hkv, h // hkv, kt_group, *scalars, **common)
     attn_bwd_dq_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * h)](
         q, k_stream, v, do, lse, delta, dq, tabs[0], tabs[1], q_pos, k_pos, plan.idx1, plan.idx2,
-        *enc_args(plan), *q.stride(), *k_stream.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        *pos_strides, lq, lk, h, h // hkv, h // k_stream.shape[2], *scalars, **common)
+        *enc_args(plan, q_tables), *q.stride(), *k_stream.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        *pos_strides, qt_b, qt_t, lq, lk, h, h // hkv, h // k_stream.shape[2], qt_group, *scalars, **common)
     tables = (tabs[0], tabs[1], tabs[2], tabs[3]) if fope_grad else None
     return dq, dk, dv_, tables

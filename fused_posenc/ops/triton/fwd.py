@@ -18,18 +18,18 @@ from .tuning import configs, pruner
 @triton.jit
 def attn_fwd_kernel(
     Q, K, V, O, LSE, QPOS, KPOS, IDX1, IDX2,
-    FREQ, FSCALE, FW, FA, FB, FPAD, SLOPES,
+    FREQ, FSCALE, TC, TS, SLOPES,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
-    stride_qpos_b, stride_kpos_b, stride_slope_b,
-    LQ, LK, H, KV_GROUP, K_GROUP, P1, P2, DV, NF, q_pos_offset,
+    stride_qpos_b, stride_kpos_b, stride_slope_b, stride_tab_b, stride_tab_t,
+    LQ, LK, H, KV_GROUP, K_GROUP, TAB_GROUP, P1, P2, DV, q_pos_offset,
     scale, phase, alpha,
     ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr,
     ROTATE_K: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -53,8 +53,10 @@ def attn_fwd_kernel(
 
     pos_m = positions(QPOS + i_b64 * stride_qpos_b, o_m, m_m, q_pos_offset, DEFAULT_POS)
     # the query tile is encoded once
+    p_tc = TC + i_b64 * stride_tab_b
+    p_ts = TS + i_b64 * stride_tab_b
     b_q1, b_q2 = load_encoded(p_q, o_m, m_m, o_d1, m_p1, o_d2, m_p2, stride_qt, stride_qd, pos_m, i_h,
-                              FREQ, FSCALE, FW, FA, FB, FPAD, o_p1, m_p1, P1, NF, ENC, True, BLOCK_F)
+                              FREQ, FSCALE, p_tc, p_ts, stride_tab_t, TAB_GROUP, o_p1, m_p1, P1, ENC, True)
     slope = 0.0
     if ENC == ENC_ALIBI:
         slope = tl.load(SLOPES + i_b * stride_slope_b + i_h)
@@ -71,8 +73,9 @@ def attn_fwd_kernel(
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < LK
         pos_n = positions(KPOS + i_b64 * stride_kpos_b, o_n, m_n, 0, DEFAULT_POS)
+        # rotating keys inline is only offered for RoPE/HoPE (FoPE keys are always pre-rotated)
         b_k1, b_k2 = load_encoded(p_k, o_n, m_n, o_d1, m_p1, o_d2, m_p2, stride_kt, stride_kd, pos_n, i_h,
-                                  FREQ, FSCALE, FW, FA, FB, FPAD, o_p1, m_p1, P1, NF, ENC, ROTATE_K, BLOCK_F)
+                                  FREQ, FSCALE, p_tc, p_ts, stride_tab_t, TAB_GROUP, o_p1, m_p1, P1, ENC, ROTATE_K)
         b_d1, b_d2 = part_dots(b_q1, b_q2, b_k1, b_k2, ENC, PREC)
         b_s = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, phase, alpha, ENC)  # [BM, BN]
         b_s = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL), b_s, float("-inf"))
@@ -101,11 +104,22 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def enc_args(plan: Plan):
-    return (plan.freq, plan.fscale, plan.fw, plan.fa, plan.fb, plan.fpad, plan.slopes)
+def enc_args(plan: Plan, tables):
+    """Encoding pointers of a kernel call; ``tables``: the FoPE ``(cos, sin)`` tables of the rows the
+    kernel rotates, each ``(Bt, rows, Ht, P)`` float32 (``None`` otherwise)."""
+    tc, ts = tables if tables is not None else (plan.freq, plan.freq)
+    return (plan.freq, plan.fscale, tc, ts, plan.slopes)
 
 
-def attn_fwd(q, k, v, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool, rotate_k: bool):
+def table_strides(plan: Plan, tables, nheads: int):
+    """``(stride_b, stride_t, group)`` of FoPE tables: query head ``h`` reads table head ``h // group``."""
+    if tables is None:
+        return 0, 0, 1
+    tc = tables[0]
+    return (tc.stride(0) if tc.shape[0] > 1 else 0), tc.stride(1), nheads // tc.shape[2]
+
+
+def attn_fwd(q, k, v, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool, rotate_k: bool, q_tables=None):
     """Launch the forward kernel.
 
     q: (B, Lq, H, D); k: (B, Lk, Hk, D) (raw, or pre-rotated when ``rotate_k`` is False);
@@ -120,17 +134,17 @@ def attn_fwd(q, k, v, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool,
     def grid(meta):
         return (triton.cdiv(lq, meta["BLOCK_M"]), b * h)
 
+    tab_b, tab_t, tab_group = table_strides(plan, q_tables, h)
     attn_fwd_kernel[grid](
-        q, k, v, out, lse, q_pos, k_pos, plan.idx1, plan.idx2, *enc_args(plan),
+        q, k, v, out, lse, q_pos, k_pos, plan.idx1, plan.idx2, *enc_args(plan, q_tables),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         q_pos.stride(0) if q_pos.shape[0] > 1 else 0, k_pos.stride(0) if k_pos.shape[0] > 1 else 0,
-        plan.slope_stride_b,
-        lq, lk, h, h // hkv, h // k.shape[2], plan.p1, plan.p2, dv, plan.nf, lk - lq,
+        plan.slope_stride_b, tab_b, tab_t,
+        lq, lk, h, h // hkv, h // k.shape[2], tab_group, plan.p1, plan.p2, dv, lk - lq,
         plan.scale, plan.phase, plan.alpha,
         ENC=plan.enc, CAUSAL=causal, DEFAULT_POS=default_pos, GATHER=plan.gather, ROTATE_K=rotate_k,
         PREC=dot_precision(q.dtype), DTYPE_KEY=str(q.dtype),
         BLOCK_P1=plan.block_p1, BLOCK_P2=plan.block_p2, BLOCK_DV=triton.next_power_of_2(max(dv, 16)),
-        BLOCK_F=plan.block_f,
     )
     return out, lse
 

@@ -51,32 +51,22 @@ def store_part(p_x, val, o_r, m_r, o_d, m_d, stride_t, stride_d):
 
 
 @triton.jit
-def rotation_tables(pos, head, p_freq, p_fscale, p_fw, p_fa, p_fb, p_fpad, o_p, m_p, P, NF,
-                    ENC: tl.constexpr, BLOCK_F: tl.constexpr):
-    """cos/sin tables ``[BR, BP]`` (float32) for rows at integer ``pos``.
+def rotation_tables(pos, o_r, m_r, head, p_freq, p_fscale, p_tc, p_ts, stride_tab_t, tab_group, o_p, m_p, P,
+                    ENC: tl.constexpr):
+    """cos/sin tables ``[BR, BP]`` (float32) for rows ``o_r`` at integer positions ``pos``.
 
-    RoPE/HoPE: ``cos(pos * freq_j) * scale_j``. FoPE: ``C = cos(pos * w) @ A[head] + pad``,
-    ``S = sin(pos * w) @ B[head] + pad`` with ``A, B`` of shape ``(H, NF, P)`` (zero for padded pairs).
+    RoPE/HoPE: ``cos(pos * freq_j) * scale_j`` computed here. FoPE: loaded from its per-row tables
+    ``(rows, Ht, P)`` (row stride ``stride_tab_t``), table head ``head // tab_group``.
     """
-    posf = pos.to(tl.float32)
     if ENC == ENC_FOPE:
-        o_f = tl.arange(0, BLOCK_F)
-        m_f = o_f < NF
-        w = tl.load(p_fw + o_f, mask=m_f, other=0.0)
-        ang = posf[:, None] * w[None, :]  # [BR, BF]
-        fc = tl.where(m_f[None, :], tl.cos(ang), 0.0)
-        fs = tl.where(m_f[None, :], tl.sin(ang), 0.0)
-        o_coef = head.to(tl.int64) * NF * P + o_f[:, None] * P + o_p[None, :]
-        m_coef = m_f[:, None] & m_p[None, :]
-        b_a = tl.load(p_fa + o_coef, mask=m_coef, other=0.0)  # [BF, BP]
-        b_b = tl.load(p_fb + o_coef, mask=m_coef, other=0.0)
-        pad = tl.load(p_fpad + o_p, mask=m_p, other=0.0)
-        cos = tl.dot(fc, b_a, input_precision="ieee") + pad[None, :]
-        sin = tl.dot(fs, b_b, input_precision="ieee") + pad[None, :]
+        o_tab = o_r[:, None].to(tl.int64) * stride_tab_t + (head // tab_group) * P + o_p[None, :]
+        m_tab = m_r[:, None] & m_p[None, :]
+        cos = tl.load(p_tc + o_tab, mask=m_tab, other=0.0)
+        sin = tl.load(p_ts + o_tab, mask=m_tab, other=0.0)
     else:
         freq = tl.load(p_freq + o_p, mask=m_p, other=0.0)
         scale = tl.load(p_fscale + o_p, mask=m_p, other=0.0)
-        ang = posf[:, None] * freq[None, :]  # [BR, BP]
+        ang = pos.to(tl.float32)[:, None] * freq[None, :]  # [BR, BP]
         cos = tl.cos(ang) * scale[None, :]
         sin = tl.sin(ang) * scale[None, :]
     return cos, sin
@@ -98,8 +88,8 @@ def rotate_back(g1, g2, cos, sin):
 
 @triton.jit
 def load_encoded(p_x, o_r, m_r, o_d1, m_d1, o_d2, m_d2, stride_t, stride_d, pos, head,
-                 p_freq, p_fscale, p_fw, p_fa, p_fb, p_fpad, o_p, m_p, P, NF,
-                 ENC: tl.constexpr, APPLY: tl.constexpr, BLOCK_F: tl.constexpr):
+                 p_freq, p_fscale, p_tc, p_ts, stride_tab_t, tab_group, o_p, m_p, P,
+                 ENC: tl.constexpr, APPLY: tl.constexpr):
     """Load both parts of a tile and, if ``APPLY`` and the encoding rotates, rotate them.
 
     Returns the parts in the input dtype (ready for ``tl.dot``).
@@ -108,8 +98,8 @@ def load_encoded(p_x, o_r, m_r, o_d1, m_d1, o_d2, m_d2, stride_t, stride_d, pos,
     x2 = load_part(p_x, o_r, m_r, o_d2, m_d2, stride_t, stride_d)
     if APPLY:
         if (ENC == ENC_ROTARY) or (ENC == ENC_FOPE):
-            cos, sin = rotation_tables(pos, head, p_freq, p_fscale, p_fw, p_fa, p_fb, p_fpad, o_p, m_p, P, NF,
-                                       ENC, BLOCK_F)
+            cos, sin = rotation_tables(pos, o_r, m_r, head, p_freq, p_fscale, p_tc, p_ts, stride_tab_t, tab_group,
+                                       o_p, m_p, P, ENC)
             y1, y2 = rotate(x1, x2, cos, sin)
             x1 = y1.to(p_x.dtype.element_ty)
             x2 = y2.to(p_x.dtype.element_ty)
