@@ -10,7 +10,7 @@ import triton.language as tl
 from .fwd import dot_precision, enc_args, table_strides
 from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, LOG2E, load_encoded, load_part, part_dots, part_offsets,
                     positions, rotate, rotate_back, rotation_tables, score_grads, scores_log2, store_part, visible)
-from .plan import Plan
+from .plan import Plan, interpreter
 from .tuning import configs, pruner
 
 
@@ -52,7 +52,7 @@ def attn_bwd_dkdv_kernel(
     LQ, LK, H, HKV, Q_GROUP, TAB_GROUP, P1, P2, DV, q_pos_offset,
     scale, phase, alpha,
     ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr,
-    ROTATE_STREAM: tl.constexpr, FOPE_GRAD: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr,
+    ROTATE_STREAM: tl.constexpr, FOPE_GRAD: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
@@ -126,12 +126,12 @@ def attn_bwd_dkdv_kernel(
             b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf"))
             b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
             b_d1, b_d2 = part_dots(b_q1, b_q2, b_kr1, b_kr2, ENC, PREC)
-            b_s = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, phase, alpha, ENC)
+            b_s = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, phase, alpha, ENC, FAST)
             b_p = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL), tl.exp2(b_s - b_lse[:, None]), 0.0)
             b_dv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, b_dv, input_precision=PREC)
             b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)  # [BM, BN]
             b_ds = b_p * (b_dp - b_delta[:, None])
-            b_g1, b_g2 = score_grads(b_ds, b_d1, b_d2, pos_m, pos_n, scale, phase, alpha, ENC)
+            b_g1, b_g2 = score_grads(b_ds, b_d1, b_d2, pos_m, pos_n, scale, phase, alpha, ENC, FAST)
             b_dkr1 = tl.dot(tl.trans(b_g1.to(b_q1.dtype)), b_q1, b_dkr1, input_precision=PREC)
             b_dkr2 = tl.dot(tl.trans(b_g2.to(b_q2.dtype)), b_q2, b_dkr2, input_precision=PREC)
         if ROTATION:
@@ -172,7 +172,7 @@ def attn_bwd_dq_kernel(
     LQ, LK, H, KV_GROUP, K_GROUP, TAB_GROUP, P1, P2, DV, q_pos_offset,
     scale, phase, alpha,
     ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr,
-    ROTATE_STREAM: tl.constexpr, FOPE_GRAD: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr,
+    ROTATE_STREAM: tl.constexpr, FOPE_GRAD: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
@@ -232,11 +232,11 @@ def attn_bwd_dq_kernel(
         b_v = tl.load(p_v + o_n[:, None].to(tl.int64) * stride_vt + o_dv[None, :] * stride_vd,
                       mask=m_n[:, None] & m_dv[None, :], other=0.0)
         b_d1, b_d2 = part_dots(b_qr1, b_qr2, b_k1, b_k2, ENC, PREC)
-        b_s = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, phase, alpha, ENC)
+        b_s = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, phase, alpha, ENC, FAST)
         b_p = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL), tl.exp2(b_s - b_lse[:, None]), 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
         b_ds = b_p * (b_dp - b_delta[:, None])
-        b_g1, b_g2 = score_grads(b_ds, b_d1, b_d2, pos_m, pos_n, scale, phase, alpha, ENC)
+        b_g1, b_g2 = score_grads(b_ds, b_d1, b_d2, pos_m, pos_n, scale, phase, alpha, ENC, FAST)
         b_dq1 = tl.dot(b_g1.to(b_k1.dtype), b_k1, b_dq1, input_precision=PREC)
         b_dq2 = tl.dot(b_g2.to(b_k2.dtype), b_k2, b_dq2, input_precision=PREC)
 
@@ -283,7 +283,7 @@ def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, defa
                    plan.slope_stride_b)
     common = dict(ENC=plan.enc, CAUSAL=causal, DEFAULT_POS=default_pos, GATHER=plan.gather,
                   ROTATE_STREAM=rotate_stream, FOPE_GRAD=fope_grad, PREC=dot_precision(q.dtype),
-                  DTYPE_KEY=str(q.dtype), BLOCK_P1=plan.block_p1, BLOCK_P2=plan.block_p2, BLOCK_DV=block_dv,
+                  DTYPE_KEY=str(q.dtype), FAST=not interpreter(), BLOCK_P1=plan.block_p1, BLOCK_P2=plan.block_p2, BLOCK_DV=block_dv,
 )
     scalars = (plan.p1, plan.p2, dv, lk - lq, plan.scale, plan.phase, plan.alpha)
     kt_b, kt_t, kt_group = table_strides(plan, k_tables, h)

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .hooks import (ENC_ALIBI, load_encoded, part_dots, part_offsets, positions, scores_log2, visible)
-from .plan import Plan
+from .plan import Plan, interpreter
 from .tuning import configs, pruner
 
 
@@ -27,7 +27,7 @@ def attn_fwd_kernel(
     LQ, LK, H, KV_GROUP, K_GROUP, TAB_GROUP, P1, P2, DV, q_pos_offset,
     scale, phase, alpha,
     ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr,
-    ROTATE_K: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr,
+    ROTATE_K: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
@@ -77,7 +77,7 @@ def attn_fwd_kernel(
         b_k1, b_k2 = load_encoded(p_k, o_n, m_n, o_d1, m_p1, o_d2, m_p2, stride_kt, stride_kd, pos_n, i_h,
                                   FREQ, FSCALE, p_tc, p_ts, stride_tab_t, TAB_GROUP, o_p1, m_p1, P1, ENC, ROTATE_K)
         b_d1, b_d2 = part_dots(b_q1, b_q2, b_k1, b_k2, ENC, PREC)
-        b_s = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, phase, alpha, ENC)  # [BM, BN]
+        b_s = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, phase, alpha, ENC, FAST)  # [BM, BN]
         b_s = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL), b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         b_m_use = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows that saw no key yet
@@ -143,7 +143,7 @@ def attn_fwd(q, k, v, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool,
         lq, lk, h, h // hkv, h // k.shape[2], tab_group, plan.p1, plan.p2, dv, lk - lq,
         plan.scale, plan.phase, plan.alpha,
         ENC=plan.enc, CAUSAL=causal, DEFAULT_POS=default_pos, GATHER=plan.gather, ROTATE_K=rotate_k,
-        PREC=dot_precision(q.dtype), DTYPE_KEY=str(q.dtype),
+        PREC=dot_precision(q.dtype), DTYPE_KEY=str(q.dtype), FAST=not interpreter(),
         BLOCK_P1=plan.block_p1, BLOCK_P2=plan.block_p2, BLOCK_DV=triton.next_power_of_2(max(dv, 16)),
     )
     return out, lse

@@ -7,6 +7,7 @@ rotations and their transposes are elementwise on the parts. Derivations: README
 """
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 ENC_NONE = tl.constexpr(0)
 ENC_ROTARY = tl.constexpr(1)
@@ -15,6 +16,8 @@ ENC_ALIBI = tl.constexpr(3)
 ENC_TAPA = tl.constexpr(4)
 
 LOG2E = tl.constexpr(1.4426950408889634)
+INV_2PI = tl.constexpr(0.15915494309189535)
+TWO_PI = tl.constexpr(6.283185307179586)
 
 
 @triton.jit
@@ -29,11 +32,13 @@ def part_offsets(p_idx, o_p, m_p, start, GATHER: tl.constexpr):
 
 @triton.jit
 def positions(p_pos, o_r, m_r, pos_offset, DEFAULT_POS: tl.constexpr):
-    """Integer positions of rows ``o_r``: ``o_r + pos_offset`` by default, else loaded."""
+    """int32 positions of rows ``o_r``: ``o_r + pos_offset`` by default, else loaded (int64 in memory).
+
+    Kernels work on int32 positions (|pos| < 2^31): int64 arithmetic on score tiles is emulated."""
     if DEFAULT_POS:
-        pos = o_r.to(tl.int64) + pos_offset
+        pos = o_r + pos_offset
     else:
-        pos = tl.load(p_pos + o_r, mask=m_r, other=0).to(tl.int64)
+        pos = tl.load(p_pos + o_r, mask=m_r, other=0).to(tl.int32)
     return pos
 
 
@@ -119,17 +124,48 @@ def part_dots(q1, q2, k1, k2, ENC: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def tapa_omega(pos_m, pos_n, phase, alpha):
-    """``phase * |m - n|^alpha`` (0 on the diagonal), float32 ``[BM, BN]``."""
-    dist = tl.abs(pos_m[:, None] - pos_n[None, :]).to(tl.float32)
-    return tl.where(dist > 0, tl.exp2(alpha * tl.log2(tl.maximum(dist, 1.0))), 0.0) * phase
+def reduce_turns(psi):
+    """``psi`` reduced to ``[-pi, pi]`` through whole turns (exact enough: psi is a float32 already)."""
+    r = psi * INV_2PI
+    return (r - tl.floor(r + 0.5)) * TWO_PI
 
 
 @triton.jit
-def scores_log2(d1, d2, pos_m, pos_n, scale, slope, phase, alpha, ENC: tl.constexpr):
+def fast_cos(psi, FAST: tl.constexpr):
+    x = reduce_turns(psi)
+    if FAST:
+        y = libdevice.fast_cosf(x)  # cos.approx on [-pi, pi]: abs error ~5e-7
+    else:
+        y = tl.cos(x)
+    return y
+
+
+@triton.jit
+def fast_sin(psi, FAST: tl.constexpr):
+    x = reduce_turns(psi)
+    if FAST:
+        y = libdevice.fast_sinf(x)
+    else:
+        y = tl.sin(x)
+    return y
+
+
+@triton.jit
+def tapa_omega(pos_m, pos_n, phase, alpha, FAST: tl.constexpr):
+    """``phase * |m - n|^alpha`` (0 on the diagonal), float32 ``[BM, BN]``."""
+    dist = tl.maximum(tl.abs(pos_m[:, None] - pos_n[None, :]).to(tl.float32), 1.0)
+    if FAST:
+        lg = libdevice.fast_log2f(dist)
+    else:
+        lg = tl.log2(dist)
+    return tl.where(dist > 1.0, tl.exp2(alpha * lg), (pos_m[:, None] != pos_n[None, :]).to(tl.float32)) * phase
+
+
+@triton.jit
+def scores_log2(d1, d2, pos_m, pos_n, scale, slope, phase, alpha, ENC: tl.constexpr, FAST: tl.constexpr):
     """Scores in log2 units (``score * log2(e)``) from the part dots."""
     if ENC == ENC_TAPA:
-        s = (d1 * scale) * tl.cos(tapa_omega(pos_m, pos_n, phase, alpha) * d2) * LOG2E
+        s = (d1 * (scale * LOG2E)) * fast_cos(tapa_omega(pos_m, pos_n, phase, alpha, FAST) * d2, FAST)
     else:
         s = d1 * (scale * LOG2E)
         if ENC == ENC_ALIBI:
@@ -139,17 +175,17 @@ def scores_log2(d1, d2, pos_m, pos_n, scale, slope, phase, alpha, ENC: tl.conste
 
 
 @triton.jit
-def score_grads(ds, d1, d2, pos_m, pos_n, scale, phase, alpha, ENC: tl.constexpr):
+def score_grads(ds, d1, d2, pos_m, pos_n, scale, phase, alpha, ENC: tl.constexpr, FAST: tl.constexpr):
     """Gradients w.r.t. the two part dots from ``ds = dL/dscore``.
 
     Dot-based scores: both are ``ds * scale``. TAPA (``score = scale d1 cos(omega d2)``):
     ``(ds scale cos(psi), -ds scale d1 sin(psi) omega)``.
     """
     if ENC == ENC_TAPA:
-        omega = tapa_omega(pos_m, pos_n, phase, alpha)
+        omega = tapa_omega(pos_m, pos_n, phase, alpha, FAST)
         psi = omega * d2
-        g1 = ds * scale * tl.cos(psi)
-        g2 = -ds * (scale * d1) * tl.sin(psi) * omega
+        g1 = ds * scale * fast_cos(psi, FAST)
+        g2 = -ds * (scale * d1) * fast_sin(psi, FAST) * omega
     else:
         g1 = ds * scale
         g2 = g1
