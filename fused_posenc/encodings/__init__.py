@@ -1,6 +1,8 @@
 """Positional encodings as data: each one's parameters, defaults and naive math."""
 from __future__ import annotations
 
+import inspect
+
 from .alibi import ALiBi, alibi_slopes
 from .base import Encoding, KernelParams
 from .fope import FoPE
@@ -33,6 +35,11 @@ def get_encoding(name, **options) -> Encoding:
     cls = _BY_NAME[key]
     if cls is FoPE:
         options.setdefault("seed", FOPE_DEFAULT_SEED)
+    params = inspect.signature(cls.__init__).parameters.values() if cls.__init__ is not object.__init__ else []
+    known = [p.name for p in params if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"bad option for encoding {name!r}: unknown option(s) {unknown}; expected some of {known}")
     try:
         return cls(**options)
     except TypeError as e:

@@ -66,9 +66,12 @@ class ALiBi(Encoding):
         return s[None] if s.dim() == 1 else s
 
     def scores(self, q, k, q_pos, k_pos, softmax_scale):
-        base = super().scores(q, k, q_pos, k_pos, softmax_scale)
-        slopes = self.slopes(q.shape[2], q.shape[0], q.device).to(base.dtype)  # (Bs, H)
-        dist = (q_pos[:, :, None] - k_pos[:, None, :]).abs().to(base.dtype)  # (Bp, Lq, Lk)
+        # the bias is formed in float32 (float64 for float64 inputs), as the kernels do: in fp16/bf16,
+        # slope * |m - n| would be rounded by up to a whole unit at long distances
+        wd = torch.float64 if q.dtype == torch.float64 else torch.float32
+        base = super().scores(q, k, q_pos, k_pos, softmax_scale).to(wd)
+        slopes = self.slopes(q.shape[2], q.shape[0], q.device).to(wd)  # (Bs, H)
+        dist = (q_pos[:, :, None] - k_pos[:, None, :]).abs().to(wd)  # (Bp, Lq, Lk)
         return base - slopes[:, :, None, None] * dist[:, None]
 
     def kernel_params(self, head_dim, nheads, nheads_kv, batch, device) -> KernelParams:

@@ -57,11 +57,14 @@ class TAPA(Encoding):
     def scores(self, q, k, q_pos, k_pos, softmax_scale):
         da, amp_scale, phase = self.split(q.shape[-1]), self.score_scale(q.shape[-1], softmax_scale), self.phase_factor(q.shape[-1])
         amp = torch.einsum("bmhd,bnhd->bhmn", q[..., :da], k[..., :da]) * amp_scale
-        dot = torch.einsum("bmhd,bnhd->bhmn", q[..., da:], k[..., da:])
-        # phase in float32 or better: |psi| reaches hundreds
+        # phase in float32 or better: |psi| reaches hundreds, so even q_P . k_P is formed in float32
+        # (a bf16/fp16 rounded dot would be off by whole radians); the kernels accumulate it in float32 too
         wd = torch.float64 if q.dtype == torch.float64 else torch.float32
-        dist = (q_pos[:, :, None] - k_pos[:, None, :]).abs().to(wd) ** self.alpha  # (Bp, Lq, Lk)
-        psi = phase * dist[:, None] * dot.to(wd)
+        dot = torch.einsum("bmhd,bnhd->bhmn", q[..., da:].to(wd), k[..., da:].to(wd))
+        dist = (q_pos[:, :, None] - k_pos[:, None, :]).abs().to(wd)  # (Bp, Lq, Lk)
+        # |0|^alpha = 0 for every alpha (the spec's rule; torch's 0**0 would give 1 when alpha = 0)
+        dist = torch.where(dist > 0, dist ** self.alpha, torch.zeros_like(dist))
+        psi = phase * dist[:, None] * dot
         return (amp.to(wd) * torch.cos(psi)).to(q.dtype)
 
     def kernel_params(self, head_dim, nheads, nheads_kv, batch, device) -> KernelParams:
