@@ -1,5 +1,11 @@
-"""The ``"cpu"`` and ``"cuda"`` backends: the C++/CUDA extension ``fused_posenc._C``."""
+"""The ``"cpu"`` and ``"cuda"`` backends: the C++/CUDA extension ``fused_posenc._C``.
+
+``"cpu"``: CPU tensors of any supported dtype (float64 computes in float64, the others in float32).
+``"cuda"``: CUDA tensors in float16, bfloat16 or float32, only when the extension was built with CUDA.
+"""
 from __future__ import annotations
+
+import torch
 
 
 def _extension():
@@ -26,6 +32,8 @@ class NativeBackend:
         want_cuda = self.name == "cuda"
         if problem.q.is_cuda != want_cuda:
             return False, f"backend {self.name!r} needs {'CUDA' if want_cuda else 'CPU'} tensors, got {problem.q.device}"
+        if want_cuda and problem.q.dtype == torch.float64:
+            return False, "the CUDA kernels take float16, bfloat16 or float32 (use backend='torch' for float64)"
         return True, ""
 
     def run(self, p):

@@ -1,0 +1,393 @@
+// CUDA forward/backward of fused_posenc: online-softmax attention over shared-memory tiles with the
+// encodings of encoding_math.h fused in. Torch-free (raw pointers + launchers); compute in fp32.
+// Deliberately simple: 128 threads per block, BM x BN = 32 x 32 tiles, fp32 shared-memory operands.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cfloat>
+
+#include "attention_kernels.h"
+
+namespace fused_posenc {
+namespace {
+
+constexpr int BM = 32;
+constexpr int BN = 32;
+constexpr int NT = 128;
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename X> __device__ __forceinline__ X from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ void tables(const EncParams& p, int64_t pos, int h, int j, float& c, float& s) {
+  if (p.kind == ENC_ROTARY) {
+    rotary_cos_sin<float, float>(pos, p.pair_freqs[j], p.pair_scale[j], c, s);
+  } else {
+    const int64_t off = (int64_t)h * p.fope_dk * p.npairs;
+    fope_cos_sin<float>(pos, j, p.fope_dk, p.npairs, p.fope_freqs, p.fope_cos_coef + off, p.fope_sin_coef + off,
+                        p.fope_pad, c, s);
+  }
+}
+
+// dst (rows x D, fp32) <- encoded rows src[r * rowstride + d] at positions pos[r] for query head h; rows >= n are 0.
+template <typename X>
+__device__ void load_encoded(const EncParams& p, const X* src, int64_t rowstride, int n, int rows, int D,
+                             const int64_t* pos, int h, float* dst, bool encode) {
+  for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
+    const int r = idx / D, d = idx % D;
+    dst[idx] = r < n ? to_f(src[(int64_t)r * rowstride + d]) : 0.f;
+  }
+  __syncthreads();
+  if (encode && is_rotation(p.kind)) {
+    const int P = p.npairs;
+    for (int idx = threadIdx.x; idx < n * P; idx += blockDim.x) {
+      const int r = idx / P, j = idx % P;
+      float c, s;
+      tables(p, pos[r], h, j, c, s);
+      const int i1 = (int)p.idx1[j], i2 = (int)p.idx2[j];
+      float y1, y2;
+      rotate_pair<float>(dst[r * D + i1], dst[r * D + i2], c, s, y1, y2);
+      dst[r * D + i1] = y1;
+      dst[r * D + i2] = y2;
+    }
+  }
+  __syncthreads();
+}
+
+// One score element (and the TAPA amplitude / phase dot) from shared-memory rows.
+__device__ __forceinline__ float score_elem(const EncParams& p, const float* qi, const float* kj, int D, float scale,
+                                            int64_t qp, int64_t kp, float slope, float& amp, float& dot) {
+  if (p.kind == ENC_TAPA) {
+    float a = 0.f, b = 0.f;
+    for (int d = 0; d < p.tapa_split; ++d) a += qi[d] * kj[d];
+    for (int d = p.tapa_split; d < D; ++d) b += qi[d] * kj[d];
+    amp = a * scale;
+    dot = b;
+    const float om = tapa_omega<float>(p.tapa_phase_scale, p.tapa_alpha, qp, kp);
+    return tapa_score<float>(amp, om, dot);
+  }
+  float a = 0.f;
+  for (int d = 0; d < D; ++d) a += qi[d] * kj[d];
+  a *= scale;
+  if (p.kind == ENC_ALIBI) a += alibi_bias<float>(slope, qp, kp);
+  return a;
+}
+
+template <typename X>
+__global__ void fwd_kernel(CudaAttnArgs a, EncParams p) {
+  extern __shared__ float sm[];
+  const int D = a.D, Dv = a.Dv;
+  float* Qs = sm;
+  float* Ks = Qs + BM * D;
+  float* Vs = Ks + BN * D;
+  float* S = Vs + BN * Dv;
+  float* acc = S + BM * BN;
+  float* m = acc + BM * Dv;
+  float* l = m + BM;
+  float* corr = l + BM;
+  __shared__ int skip;
+  __shared__ long long qmax;
+
+  const int i0 = blockIdx.x * BM;
+  const int bh = blockIdx.y, b = bh / a.H, h = bh % a.H, hk = h / (a.H / a.Hkv);
+  const int nq = min(BM, a.Lq - i0);
+  const int64_t* qpos = a.q_pos + b * a.qpos_bs + i0;
+  const int64_t* kpos_all = a.k_pos + b * a.kpos_bs;
+  const float slope = p.kind == ENC_ALIBI ? p.slopes[(p.slopes_batch > 1 ? b : 0) * a.H + h] : 0.f;
+  const X* q = static_cast<const X*>(a.q) + (((int64_t)b * a.Lq + i0) * a.H + h) * D;
+  load_encoded<X>(p, q, (int64_t)a.H * D, nq, BM, D, qpos, h, Qs, true);
+  for (int idx = threadIdx.x; idx < BM * Dv; idx += blockDim.x) acc[idx] = 0.f;
+  if (threadIdx.x < BM) { m[threadIdx.x] = -INFINITY; l[threadIdx.x] = 0.f; }
+  if (threadIdx.x == 0) {
+    long long mx = qpos[0];
+    for (int i = 1; i < nq; ++i) mx = max(mx, (long long)qpos[i]);
+    qmax = mx;
+  }
+  __syncthreads();
+  for (int j0 = 0; j0 < a.Lk; j0 += BN) {
+    const int nk = min(BN, a.Lk - j0);
+    const int64_t* kpos = kpos_all + j0;
+    if (threadIdx.x == 0) {
+      long long mn = kpos[0];
+      for (int j = 1; j < nk; ++j) mn = min(mn, (long long)kpos[j]);
+      skip = a.causal && mn > qmax;
+    }
+    __syncthreads();
+    const bool skipped = skip;
+    __syncthreads();  // everyone has read `skip` before thread 0 may rewrite it
+    if (skipped) continue;  // uniform across the block
+    const X* k = static_cast<const X*>(a.k) + (((int64_t)b * a.Lk + j0) * a.Hkv + hk) * D;
+    const X* v = static_cast<const X*>(a.v) + (((int64_t)b * a.Lk + j0) * a.Hkv + hk) * Dv;
+    load_encoded<X>(p, k, (int64_t)a.Hkv * D, nk, BN, D, kpos, h, Ks, true);
+    load_encoded<X>(p, v, (int64_t)a.Hkv * Dv, nk, BN, Dv, kpos, h, Vs, false);
+    for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
+      const int i = idx / BN, j = idx % BN;
+      float s = -INFINITY;
+      if (i < nq && j < nk && !(a.causal && kpos[j] > qpos[i])) {
+        float amp, dot;
+        s = score_elem(p, Qs + i * D, Ks + j * D, D, a.scale, qpos[i], kpos[j], slope, amp, dot);
+      }
+      S[idx] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x < BM) {
+      const int i = threadIdx.x;
+      float mx = m[i];
+      for (int j = 0; j < BN; ++j) mx = fmaxf(mx, S[i * BN + j]);
+      if (mx == -INFINITY) {
+        corr[i] = 1.f;
+        for (int j = 0; j < BN; ++j) S[i * BN + j] = 0.f;
+      } else {
+        const float c = __expf(m[i] - mx);
+        float sum = 0.f;
+        for (int j = 0; j < BN; ++j) {
+          const float pj = __expf(S[i * BN + j] - mx);
+          S[i * BN + j] = pj;
+          sum += pj;
+        }
+        corr[i] = c;
+        l[i] = l[i] * c + sum;
+        m[i] = mx;
+      }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < BM * Dv; idx += blockDim.x) {
+      const int i = idx / Dv, e = idx % Dv;
+      float o = acc[idx] * corr[i];
+      for (int j = 0; j < BN; ++j) o += S[i * BN + j] * Vs[j * Dv + e];
+      acc[idx] = o;
+    }
+    __syncthreads();
+  }
+  X* out = static_cast<X*>(a.out) + (((int64_t)b * a.Lq + i0) * a.H + h) * Dv;
+  for (int idx = threadIdx.x; idx < nq * Dv; idx += blockDim.x) {
+    const int i = idx / Dv, e = idx % Dv;
+    out[(int64_t)i * a.H * Dv + e] = from_f<X>(l[i] > 0.f ? acc[idx] / l[i] : 0.f);
+  }
+  if (threadIdx.x < nq) {
+    const int i = threadIdx.x;
+    a.lse[((int64_t)b * a.H + h) * a.Lq + i0 + i] = l[i] > 0.f ? m[i] + logf(l[i]) : -INFINITY;
+  }
+}
+
+// One block per (key tile, batch * query head): dK, dV of its keys in shared memory, dQ by atomics.
+template <typename X>
+__global__ void bwd_kernel(CudaAttnArgs a, EncParams p) {
+  extern __shared__ float sm[];
+  const int D = a.D, Dv = a.Dv;
+  float* Ks = sm;
+  float* Vs = Ks + BN * D;
+  float* dKs = Vs + BN * Dv;
+  float* dVs = dKs + BN * D;
+  float* Qs = dVs + BN * Dv;
+  float* dOs = Qs + BM * D;
+  float* Pm = dOs + BM * Dv;   // P
+  float* dSa = Pm + BM * BN;   // dS * scale (TAPA: amplitude part)
+  float* dSb = dSa + BM * BN;  // TAPA phase part
+  float* lse_s = dSb + BM * BN;
+  float* delta_s = lse_s + BM;
+  __shared__ int skip;
+  __shared__ long long kmin;
+
+  const int j0 = blockIdx.x * BN;
+  const int bh = blockIdx.y, b = bh / a.H, h = bh % a.H, hk = h / (a.H / a.Hkv);
+  const int nk = min(BN, a.Lk - j0);
+  const int64_t* kpos = a.k_pos + b * a.kpos_bs + j0;
+  const int64_t* qpos_all = a.q_pos + b * a.qpos_bs;
+  const float slope = p.kind == ENC_ALIBI ? p.slopes[(p.slopes_batch > 1 ? b : 0) * a.H + h] : 0.f;
+  const bool tapa = p.kind == ENC_TAPA;
+  const int da = tapa ? p.tapa_split : D;
+  const X* k = static_cast<const X*>(a.k) + (((int64_t)b * a.Lk + j0) * a.Hkv + hk) * D;
+  const X* v = static_cast<const X*>(a.v) + (((int64_t)b * a.Lk + j0) * a.Hkv + hk) * Dv;
+  load_encoded<X>(p, k, (int64_t)a.Hkv * D, nk, BN, D, kpos, h, Ks, true);
+  load_encoded<X>(p, v, (int64_t)a.Hkv * Dv, nk, BN, Dv, kpos, h, Vs, false);
+  for (int idx = threadIdx.x; idx < BN * D; idx += blockDim.x) dKs[idx] = 0.f;
+  for (int idx = threadIdx.x; idx < BN * Dv; idx += blockDim.x) dVs[idx] = 0.f;
+  if (threadIdx.x == 0) {
+    long long mn = kpos[0];
+    for (int j = 1; j < nk; ++j) mn = min(mn, (long long)kpos[j]);
+    kmin = mn;
+  }
+  __syncthreads();
+  for (int i0 = 0; i0 < a.Lq; i0 += BM) {
+    const int nq = min(BM, a.Lq - i0);
+    const int64_t* qpos = qpos_all + i0;
+    if (threadIdx.x == 0) {
+      long long mx = qpos[0];
+      for (int i = 1; i < nq; ++i) mx = max(mx, (long long)qpos[i]);
+      skip = a.causal && kmin > mx;
+    }
+    __syncthreads();
+    const bool skipped = skip;
+    __syncthreads();
+    if (skipped) continue;
+    const X* q = static_cast<const X*>(a.q) + (((int64_t)b * a.Lq + i0) * a.H + h) * D;
+    const X* dout = static_cast<const X*>(a.dout) + (((int64_t)b * a.Lq + i0) * a.H + h) * Dv;
+    load_encoded<X>(p, q, (int64_t)a.H * D, nq, BM, D, qpos, h, Qs, true);
+    load_encoded<X>(p, dout, (int64_t)a.H * Dv, nq, BM, Dv, qpos, h, dOs, false);
+    if (threadIdx.x < BM) {
+      const int i = threadIdx.x;
+      lse_s[i] = i < nq ? a.lse[((int64_t)b * a.H + h) * a.Lq + i0 + i] : -INFINITY;
+      delta_s[i] = i < nq ? a.delta[((int64_t)b * a.Lq + i0 + i) * a.H + h] : 0.f;
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
+      const int i = idx / BN, j = idx % BN;
+      float pij = 0.f, dsa = 0.f, dsb = 0.f;
+      if (i < nq && j < nk && lse_s[i] != -INFINITY && !(a.causal && kpos[j] > qpos[i])) {
+        float amp, dot;
+        const float s = score_elem(p, Qs + i * D, Ks + j * D, D, a.scale, qpos[i], kpos[j], slope, amp, dot);
+        pij = __expf(s - lse_s[i]);
+        float dp = 0.f;
+        for (int e = 0; e < Dv; ++e) dp += dOs[i * Dv + e] * Vs[j * Dv + e];
+        const float ds = pij * (dp - delta_s[i]);
+        if (tapa) {
+          const float om = tapa_omega<float>(p.tapa_phase_scale, p.tapa_alpha, qpos[i], kpos[j]);
+          float ga, gb;
+          tapa_grad<float>(ds, amp, om, dot, ga, gb);
+          dsa = ga * a.scale;
+          dsb = gb;
+        } else {
+          dsa = ds * a.scale;
+        }
+      }
+      Pm[idx] = pij;
+      dSa[idx] = dsa;
+      dSb[idx] = dsb;
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < BN * Dv; idx += blockDim.x) {
+      const int j = idx / Dv, e = idx % Dv;
+      float g = 0.f;
+      for (int i = 0; i < BM; ++i) g += Pm[i * BN + j] * dOs[i * Dv + e];
+      dVs[idx] += g;
+    }
+    for (int idx = threadIdx.x; idx < BN * D; idx += blockDim.x) {
+      const int j = idx / D, d = idx % D;
+      const float* dS = d < da ? dSa : dSb;
+      float g = 0.f;
+      for (int i = 0; i < BM; ++i) g += dS[i * BN + j] * Qs[i * D + d];
+      dKs[idx] += g;
+    }
+    for (int idx = threadIdx.x; idx < nq * D; idx += blockDim.x) {
+      const int i = idx / D, d = idx % D;
+      const float* dS = d < da ? dSa : dSb;
+      float g = 0.f;
+      for (int j = 0; j < BN; ++j) g += dS[i * BN + j] * Ks[j * D + d];
+      if (g != 0.f) atomicAdd(a.dq_rot + (((int64_t)b * a.Lq + i0 + i) * a.H + h) * D + d, g);
+    }
+    __syncthreads();
+  }
+  for (int idx = threadIdx.x; idx < nk * D; idx += blockDim.x) {
+    const int j = idx / D, d = idx % D;
+    a.dk_rot[(((int64_t)b * a.Lk + j0 + j) * a.H + h) * D + d] = dKs[idx];
+  }
+  for (int idx = threadIdx.x; idx < nk * Dv; idx += blockDim.x) {
+    const int j = idx / Dv, e = idx % Dv;
+    a.dv_h[(((int64_t)b * a.Lk + j0 + j) * a.H + h) * Dv + e] = dVs[idx];
+  }
+}
+
+// Gradient w.r.t. the encoded rows -> w.r.t. the input rows (transposed rotation) and FoPE coefficient grads.
+// One block per row of g (B, L, H, D); x (B, L, Hx, D) is the unencoded input.
+template <typename X>
+__global__ void decode_kernel(const float* g, const X* x, float* dx, const int64_t* pos_all, int64_t pos_bs, int L,
+                              int H, int Hx, int D, EncParams p, float* dcos, float* dsin) {
+  const int64_t row = blockIdx.x;  // (b, t, h)
+  const int h = (int)(row % H);
+  const int64_t bt = row / H;
+  const int t = (int)(bt % L), b = (int)(bt / L);
+  const int hx = h / (H / Hx);
+  const int64_t pos = pos_all[b * pos_bs + t];
+  const float* gr = g + row * D;
+  float* out = dx + row * D;
+  const X* xr = x + ((int64_t)bt * Hx + hx) * D;
+  if (!is_rotation(p.kind)) {
+    for (int d = threadIdx.x; d < D; d += blockDim.x) out[d] = gr[d];
+    return;
+  }
+  for (int d = threadIdx.x + 2 * p.npairs; d < D; d += blockDim.x) out[d] = gr[d];  // unpaired tail (odd D)
+  for (int j = threadIdx.x; j < p.npairs; j += blockDim.x) {
+    float c, s;
+    tables(p, pos, h, j, c, s);
+    const int i1 = (int)p.idx1[j], i2 = (int)p.idx2[j];
+    float h1, h2;
+    rotate_pair_t<float>(gr[i1], gr[i2], c, s, h1, h2);
+    out[i1] = h1;
+    out[i2] = h2;
+    if (dcos != nullptr && p.fope_pad[j] == 0.f) {
+      float dc, ds;
+      rotate_pair_dtables<float>(to_f(xr[i1]), to_f(xr[i2]), gr[i1], gr[i2], dc, ds);
+      for (int kk = 0; kk < p.fope_dk; ++kk) {
+        const float ang = (float)pos * p.fope_freqs[kk];
+        const int64_t o = ((int64_t)h * p.fope_dk + kk) * p.npairs + j;
+        atomicAdd(dcos + o, cosf(ang) * dc);
+        atomicAdd(dsin + o, sinf(ang) * ds);
+      }
+    }
+  }
+}
+
+size_t fwd_smem(const CudaAttnArgs& a) {
+  return sizeof(float) * ((size_t)BM * a.D + (size_t)BN * a.D + (size_t)BN * a.Dv + BM * BN + (size_t)BM * a.Dv + 3 * BM);
+}
+size_t bwd_smem(const CudaAttnArgs& a) {
+  return sizeof(float) * (2 * (size_t)BN * a.D + 2 * (size_t)BN * a.Dv + (size_t)BM * a.D + (size_t)BM * a.Dv +
+                          3 * BM * BN + 2 * BM);
+}
+
+template <typename X>
+int fwd_typed(const CudaAttnArgs& a, const EncParams& p, cudaStream_t st) {
+  const size_t smem = fwd_smem(a);
+  cudaError_t e = cudaFuncSetAttribute(fwd_kernel<X>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (e != cudaSuccess) return (int)e;
+  dim3 grid((a.Lq + BM - 1) / BM, a.B * a.H);
+  fwd_kernel<X><<<grid, NT, smem, st>>>(a, p);
+  return (int)cudaGetLastError();
+}
+
+template <typename X>
+int bwd_typed(const CudaAttnArgs& a, const EncParams& p, cudaStream_t st) {
+  const size_t smem = bwd_smem(a);
+  cudaError_t e = cudaFuncSetAttribute(bwd_kernel<X>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (e != cudaSuccess) return (int)e;
+  dim3 grid((a.Lk + BN - 1) / BN, a.B * a.H);
+  bwd_kernel<X><<<grid, NT, smem, st>>>(a, p);
+  e = cudaGetLastError();
+  if (e != cudaSuccess) return (int)e;
+  const int dthreads = 64;
+  decode_kernel<X><<<(unsigned)((int64_t)a.B * a.Lq * a.H), dthreads, 0, st>>>(
+      a.dq_rot, static_cast<const X*>(a.q), a.dq, a.q_pos, a.qpos_bs, a.Lq, a.H, a.H, a.D, p, a.dcos, a.dsin);
+  e = cudaGetLastError();
+  if (e != cudaSuccess) return (int)e;
+  decode_kernel<X><<<(unsigned)((int64_t)a.B * a.Lk * a.H), dthreads, 0, st>>>(
+      a.dk_rot, static_cast<const X*>(a.k), a.dk_h, a.k_pos, a.kpos_bs, a.Lk, a.H, a.Hkv, a.D, p, a.dcos, a.dsin);
+  return (int)cudaGetLastError();
+}
+
+}  // namespace
+
+int launch_attention_forward(const CudaAttnArgs& a, const EncParams& p, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (a.dtype) {
+    case DT_F16: return fwd_typed<__half>(a, p, st);
+    case DT_BF16: return fwd_typed<__nv_bfloat16>(a, p, st);
+    default: return fwd_typed<float>(a, p, st);
+  }
+}
+
+int launch_attention_backward(const CudaAttnArgs& a, const EncParams& p, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (a.dtype) {
+    case DT_F16: return bwd_typed<__half>(a, p, st);
+    case DT_BF16: return bwd_typed<__nv_bfloat16>(a, p, st);
+    default: return bwd_typed<float>(a, p, st);
+  }
+}
+
+}  // namespace fused_posenc

@@ -1,0 +1,100 @@
+"""backend="cpu" (the C++ extension) against the float64 reference: forward and every gradient."""
+import pytest
+import torch
+
+from fused_posenc import fused_attention
+from fused_posenc.backends import get_backend
+from fused_posenc.encodings.fope import FoPE
+from fused_posenc.encodings import get_encoding
+
+from helpers import check_against_reference, make_qkv
+
+_ok, _why = get_backend("cpu").available()
+pytestmark = pytest.mark.skipif(not _ok, reason=f"C++ extension not built: {_why}")
+
+ENCODINGS = ["none", "rope", "hope", "fope", "alibi", "tapa"]
+
+
+def cpu_fn(q, k, v, encoding, **kw):
+    return fused_attention(q, k, v, encoding, backend="cpu", **kw)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_encodings_dtypes(encoding, causal, dtype):
+    q, k, v = make_qkv(2, 37, 70, 4, 2, 32, dtype)
+    check_against_reference(cpu_fn, q, k, v, encoding, causal)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("lq,lk", [(1, 1), (63, 63), (97, 97), (1, 97), (97, 63), (63, 130)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_lengths(encoding, lq, lk, causal):
+    q, k, v = make_qkv(1, lq, lk, 2, 1, 48, torch.float32, seed=lq + lk)
+    check_against_reference(cpu_fn, q, k, v, encoding, causal)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("headdim", [32, 48, 64, 80])
+def test_headdims(encoding, headdim):
+    q, k, v = make_qkv(1, 40, 45, 4, 1, headdim, torch.float64, seed=headdim)
+    check_against_reference(cpu_fn, q, k, v, encoding, True)
+
+
+@pytest.mark.parametrize("hc", [4, 2, 1])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fope_learnable_gqa(hc, causal):
+    enc = FoPE(64, hc, train_len=256, learnable=True, seed=3)
+    q, k, v = make_qkv(2, 33, 50, 4, 2, 64, torch.float64, seed=hc)
+    check_against_reference(cpu_fn, q, k, v, enc, causal, params_fn=lambda: [enc.cos_coef, enc.sin_coef])
+
+
+@pytest.mark.parametrize("enc", [
+    get_encoding("rope", interleaved=True), get_encoding("rope", rotary_dim=32),
+    get_encoding("rope", scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+    get_encoding("tapa", alpha=0.3, phase_scale=1.0)], ids=["interleaved", "partial", "yarn", "tapa-c1"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_variants(enc, dtype):
+    q, k, v = make_qkv(2, 30, 41, 4, 2, 64, dtype, seed=7)
+    check_against_reference(cpu_fn, q, k, v, enc, True)
+
+
+def test_positions_and_strides():
+    q, k, v = make_qkv(2, 50, 50, 4, 2, 64, torch.float64, requires_grad=False)
+    # non-contiguous views, per-batch positions with gaps, some query rows that see no key
+    qn = q.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    kn = k[:, :, :, :].detach().clone().requires_grad_()
+    vn = v.detach().clone().requires_grad_()
+    qp = torch.stack([torch.arange(50) * 2 - 10, torch.arange(50)])
+    kp = torch.stack([torch.arange(50), torch.arange(50) + 5])
+    for enc in ENCODINGS:
+        check_against_reference(cpu_fn, qn, kn, vn, enc, True, q_positions=qp, k_positions=kp)
+    # inputs are never modified
+    q0 = qn.detach().clone()
+    cpu_fn(qn, kn, vn, "rope", causal=True).sum().backward()
+    assert torch.equal(q0, qn.detach())
+
+
+def test_alibi_batch_slopes():
+    slopes = torch.rand(2, 4) * 0.5
+    enc = get_encoding("alibi", slopes=slopes)
+    q, k, v = make_qkv(2, 30, 30, 4, 4, 32, torch.float64)
+    check_against_reference(cpu_fn, q, k, v, enc, False)
+
+
+def test_empty_rows_zero():
+    q, k, v = make_qkv(1, 8, 8, 2, 2, 32, torch.float32)
+    qp = torch.arange(8) - 100  # no key visible
+    out = cpu_fn(q, k, v, "rope", causal=True, q_positions=qp, k_positions=torch.arange(8))
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q)) and torch.isfinite(k.grad).all()
+
+
+def test_auto_prefers_cpu():
+    from fused_posenc.backends import select_backend
+    from fused_posenc.attention import prepare
+
+    q, k, v = make_qkv(1, 4, 4, 2, 2, 32, torch.float32)
+    assert select_backend("auto", prepare(q, k, v, "rope", False, None, None, None)).name == "cpu"
