@@ -125,13 +125,24 @@ class FoPE(nn.Module, Encoding):
     def pairs(self, head_dim):
         return half_pairs(head_dim, head_dim, False)
 
+    def fourier_tables(self, positions: torch.Tensor, cos_coef: torch.Tensor, sin_coef: torch.Tensor,
+                       dtype: torch.dtype, sum_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(C, S)`` of shape ``(Bp, T, Hc', D/2)`` for positions ``(Bp, T)`` and coefficients ``(Hc', Dk, Dout)``.
+
+        Angles ``positions * freqs`` are formed in ``dtype`` (float32, or float64 for float64 inputs), the
+        Fourier sums in ``sum_dtype`` (default ``dtype``), the result is ``dtype``; padded pairs are 1.
+        Differentiable w.r.t. the coefficients.
+        """
+        sum_dtype = sum_dtype or dtype
+        dev = positions.device
+        ang = positions.to(dtype)[..., None] * self.freqs.to(device=dev, dtype=dtype)  # (Bp, T, Dk)
+        c = torch.einsum("btk,hki->bthi", torch.cos(ang).to(sum_dtype), cos_coef.to(device=dev, dtype=sum_dtype))
+        s = torch.einsum("btk,hki->bthi", torch.sin(ang).to(sum_dtype), sin_coef.to(device=dev, dtype=sum_dtype))
+        pad = torch.ones(*c.shape[:3], self.head_dim // 2 - self.dout, dtype=dtype, device=dev)
+        return torch.cat([c.to(dtype), pad], -1), torch.cat([s.to(dtype), pad], -1)
+
     def tables(self, positions, head_dim, nheads, nheads_kv, dtype):
-        a, b = self.coef_per_query_head(nheads, nheads_kv)
-        ang = positions.to(dtype)[..., None] * self.freqs.to(device=positions.device, dtype=dtype)  # (Bp, T, Dk)
-        c = torch.einsum("btk,hki->bthi", torch.cos(ang), a.to(device=positions.device, dtype=dtype))
-        s = torch.einsum("btk,hki->bthi", torch.sin(ang), b.to(device=positions.device, dtype=dtype))
-        pad = torch.ones(*c.shape[:3], head_dim // 2 - self.dout, dtype=dtype, device=positions.device)
-        return torch.cat([c, pad], -1), torch.cat([s, pad], -1)
+        return self.fourier_tables(positions, *self.coef_per_query_head(nheads, nheads_kv), dtype)
 
     def kernel_params(self, head_dim, nheads, nheads_kv, batch, device) -> KernelParams:
         idx1, idx2 = self.pairs(head_dim)

@@ -68,18 +68,13 @@ def _reduce_table_grad(g, table):
     return g.sum(0, keepdim=True) if table.shape[0] == 1 and b > 1 else g
 
 
-def fope_tables(enc, pos: torch.Tensor, nheads: int, nheads_kv: int):
-    """FoPE ``(C, S)`` for rows at ``pos (Bp, L)``: ``(Bp, L, Hc', P)`` float32, differentiable w.r.t. the
-    coefficients. Angles in float32 like every backend; the Fourier sums in float64 (a TF32 matmul
-    would cost ~1e-3 of relative accuracy), then rounded to float32. ``Hc' = Hc`` except that
-    ``Hc == nheads_kv`` and ``Hc == nheads`` coincide without GQA."""
-    a, b = enc.cos_coef, enc.sin_coef  # (Hc, Dk, Dout)
-    dev = pos.device
-    ang = pos.to(torch.float32)[..., None] * enc.freqs.to(dev)  # (Bp, L, Dk)
-    c = torch.einsum("btk,hki->bthi", torch.cos(ang).double(), a.to(dev).double()).float()
-    s = torch.einsum("btk,hki->bthi", torch.sin(ang).double(), b.to(dev).double()).float()
-    pad = torch.ones(*c.shape[:3], enc.head_dim // 2 - enc.dout, device=dev, dtype=torch.float32)
-    return torch.cat([c, pad], -1).contiguous(), torch.cat([s, pad], -1).contiguous()
+def fope_tables(enc, pos: torch.Tensor):
+    """FoPE ``(C, S)`` for rows at ``pos (Bp, L)``: ``(Bp, L, Hc, P)`` float32, contiguous, differentiable
+    w.r.t. the coefficients. Angles in float32 like every backend; the Fourier sums in float64 (a TF32
+    matmul would cost ~1e-3 of relative accuracy), then rounded to float32. The kernels map query head
+    ``h`` to table head ``h // (nheads // Hc)``."""
+    c, s = enc.fourier_tables(pos, enc.cos_coef, enc.sin_coef, torch.float32, sum_dtype=torch.float64)
+    return c.contiguous(), s.contiguous()
 
 
 def _cached_plan(enc, d, h, hkv, b, device, scale) -> Plan:
@@ -105,6 +100,6 @@ def triton_attention(p) -> torch.Tensor:
     if plan.enc == 2:
         learnable = enc.learnable and torch.is_grad_enabled()
         plan = Plan(**{**plan.__dict__, "fope_learnable": learnable})
-        tables = [*fope_tables(enc, p.q_pos, h, hkv), *fope_tables(enc, p.k_pos, h, hkv)]
+        tables = [*fope_tables(enc, p.q_pos), *fope_tables(enc, p.k_pos)]
     return TritonAttention.apply(p.q, p.k, p.v, *tables, p.q_pos.contiguous(), p.k_pos.contiguous(), plan,
                                  p.causal, p.default_positions)
