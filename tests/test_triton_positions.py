@@ -31,3 +31,12 @@ def test_rows_without_visible_keys_are_zero(encoding):
     assert torch.equal(out[:, :8], torch.zeros_like(out[:, :8]))
     (dq,) = torch.autograd.grad(out.float().sum(), [q])
     assert torch.isfinite(dq).all() and torch.equal(dq[:, :8], torch.zeros_like(dq[:, :8]))
+
+
+def test_positions_beyond_int32_arithmetic_are_refused():
+    import fused_posenc as fp
+    q, k, v = make_qkv(1, 4, 4, 1, 1, 16, torch.float32, DEVICE, seed=10)
+    big = torch.tensor([0, 1, 2, 2**30], device=DEVICE)
+    with pytest.raises(ValueError, match=r"positions in \[-2\^30, 2\^30\)"):
+        fp.fused_attention(q, k, v, "alibi", k_positions=big, backend="triton")
+    fp.fused_attention(q, k, v, "alibi", k_positions=big - 1, backend="triton")  # the largest allowed

@@ -3,6 +3,8 @@
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (a slow numpy simulation
 used by the CPU test suite). bf16 is refused under the interpreter: its ``tl.dot`` on bf16 operands
 is wrong there (seen with triton 3.9), and a silently wrong answer is worse than an error.
+Positions must lie in ``[-2^30, 2^30)`` (the kernels use int32 arithmetic); caller-given positions are
+checked, at the cost of one device sync.
 """
 from __future__ import annotations
 
@@ -13,6 +15,19 @@ import torch
 
 def _interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+POSITION_BOUND = 2**30
+
+
+def _positions_fit(*positions: torch.Tensor) -> bool:
+    """Whether every position is in ``[-2^30, 2^30)``, so positions and their differences fit the kernels'
+    int32 arithmetic. Costs one device sync, only for caller-given positions."""
+    for pos in positions:
+        mn, mx = torch.aminmax(pos)
+        if mn.item() < -POSITION_BOUND or mx.item() >= POSITION_BOUND:
+            return False
+    return True
 
 
 class TritonBackend:
@@ -40,6 +55,8 @@ class TritonBackend:
         d, dv = q.shape[-1], p.v.shape[-1]
         if d > 256 or dv > 256:
             return False, f"head dims up to 256 are supported, got headdim={d}, headdim_v={dv}"
+        if not p.default_positions and not _positions_fit(p.q_pos, p.k_pos):
+            return False, "the Triton kernels take positions in [-2^30, 2^30) (they compute in int32)"
         return True, ""
 
     def run(self, p):
