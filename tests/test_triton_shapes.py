@@ -47,3 +47,11 @@ def test_non_contiguous_inputs_and_headdim_v(encoding):
     q0, k0, v0 = q.detach().clone(), k.detach().clone(), v.detach().clone()
     check_triton(q, k, v, encoding, True)
     assert torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(v, v0), "inputs were modified"
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU, SHAPES already hold seqlen 1025")
+@pytest.mark.parametrize("encoding", ["tapa"])
+def test_seqlen_1025_interpreter(encoding):
+    """One long odd length through the interpreter (~1 min): 65 x 65 tiles of 16, causal block skipping."""
+    q, k, v = make_qkv(1, 1025, 1025, 1, 1, 32, torch.float32, DEVICE, seed=1025)
+    check_triton(q, k, v, encoding, True)
