@@ -39,7 +39,9 @@ def extensions():
     define_macros = [("FUSED_POSENC_WITH_CUDA", "1")] if use_cuda else []
     if use_cuda:
         archs = os.environ.get("FUSED_POSENC_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        # no --use_fast_math: it turns cosf/sinf into __cosf/__sinf, wrong by whole units at RoPE angles of
+        # thousands of radians and at TAPA phases of hundreds
+        nvcc = ["-O3", "-std=c++17", "-lineinfo"]
         for a in filter(None, (x.strip() for x in archs)):
             nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}"]
         ext = cpp_extension.CUDAExtension("fused_posenc._C", cpu_sources + cuda_sources, include_dirs=include_dirs,

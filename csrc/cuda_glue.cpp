@@ -40,6 +40,17 @@ void check(int err, const char* what) {
   TORCH_CHECK(err == 0, "fused_posenc CUDA ", what, " failed: ", cudaGetErrorString((cudaError_t)err));
 }
 
+// The kernels keep whole rows of the tiles in shared memory: refuse head dims this GPU cannot hold.
+void check_smem(const CudaAttnArgs& a, bool backward) {
+  int dev = 0, limit = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  const size_t need = attention_smem_bytes(a, backward);
+  TORCH_CHECK(need <= (size_t)limit, "fused_posenc CUDA ", backward ? "backward" : "forward", ": headdim=", a.D,
+              ", headdim_v=", a.Dv, " needs ", need / 1024, " KiB of shared memory per block, this GPU allows ",
+              limit / 1024, " KiB; use backend='triton' for these head dims");
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -53,6 +64,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& q_in, const at
   CudaAttnArgs a = base_args(q, k, v, q_pos, k_pos, causal, scale);
   a.out = out.data_ptr();
   a.lse = lse.data_ptr<float>();
+  check_smem(a, false);
   check(launch_attention_forward(a, enc.p, c10::cuda::getCurrentCUDAStream().stream()), "forward");
   return {out, lse};
 }
@@ -92,6 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_back
   a.dk_h = dk_h.data_ptr<float>();
   a.dcos = coef ? dA.data_ptr<float>() : nullptr;
   a.dsin = coef ? dB.data_ptr<float>() : nullptr;
+  check_smem(a, true);
   check(launch_attention_backward(a, enc.p, c10::cuda::getCurrentCUDAStream().stream()), "backward");
   const auto dt = q.scalar_type();
   auto dk = dk_h.view({B, Lk, Hkv, G, D}).sum(3).to(dt);

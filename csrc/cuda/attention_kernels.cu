@@ -333,17 +333,9 @@ __global__ void decode_kernel(const float* g, const X* x, float* dx, const int64
   }
 }
 
-size_t fwd_smem(const CudaAttnArgs& a) {
-  return sizeof(float) * ((size_t)BM * a.D + (size_t)BN * a.D + (size_t)BN * a.Dv + BM * BN + (size_t)BM * a.Dv + 3 * BM);
-}
-size_t bwd_smem(const CudaAttnArgs& a) {
-  return sizeof(float) * (2 * (size_t)BN * a.D + 2 * (size_t)BN * a.Dv + (size_t)BM * a.D + (size_t)BM * a.Dv +
-                          3 * BM * BN + 2 * BM);
-}
-
 template <typename X>
 int fwd_typed(const CudaAttnArgs& a, const EncParams& p, cudaStream_t st) {
-  const size_t smem = fwd_smem(a);
+  const size_t smem = attention_smem_bytes(a, false);
   cudaError_t e = cudaFuncSetAttribute(fwd_kernel<X>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return (int)e;
   dim3 grid((a.Lq + BM - 1) / BM, a.B * a.H);
@@ -353,7 +345,7 @@ int fwd_typed(const CudaAttnArgs& a, const EncParams& p, cudaStream_t st) {
 
 template <typename X>
 int bwd_typed(const CudaAttnArgs& a, const EncParams& p, cudaStream_t st) {
-  const size_t smem = bwd_smem(a);
+  const size_t smem = attention_smem_bytes(a, true);
   cudaError_t e = cudaFuncSetAttribute(bwd_kernel<X>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return (int)e;
   dim3 grid((a.Lk + BN - 1) / BN, a.B * a.H);
@@ -371,6 +363,12 @@ int bwd_typed(const CudaAttnArgs& a, const EncParams& p, cudaStream_t st) {
 }
 
 }  // namespace
+
+size_t attention_smem_bytes(const CudaAttnArgs& a, bool backward) {
+  const size_t D = a.D, Dv = a.Dv;
+  if (!backward) return sizeof(float) * (BM * D + BN * D + BN * Dv + BM * BN + BM * Dv + 3 * BM);
+  return sizeof(float) * (2 * BN * D + 2 * BN * Dv + BM * D + BM * Dv + 3 * BM * BN + 2 * BM);
+}
 
 int launch_attention_forward(const CudaAttnArgs& a, const EncParams& p, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);

@@ -1,6 +1,7 @@
 // Torch-free interface of the CUDA kernels (raw pointers, contiguous layouts) used by the torch glue.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "fused_posenc/encoding_math.h"
@@ -34,6 +35,9 @@ struct CudaAttnArgs {
   float* dcos = nullptr;           // (H, Dk, P) fp32, zeroed; null unless FoPE coefficient grads are wanted
   float* dsin = nullptr;
 };
+
+// Dynamic shared memory of one block of the forward (backward = false) or backward kernel, in bytes.
+size_t attention_smem_bytes(const CudaAttnArgs& a, bool backward);
 
 // Both return a cudaError_t as int (0 = success). `stream` is a cudaStream_t.
 int launch_attention_forward(const CudaAttnArgs& a, const EncParams& p, void* stream);
