@@ -106,7 +106,8 @@ def variants(quick: bool, dims, dtypes):
                 cfgs = cfgs[:1]
             yield f"{kname}:{name}:{dtype}:d{d}", autotuned.fn, dtype, cx, cfgs
         if enc in (1, 2) and not stream:
-            cx = dict(ENC=enc, DEFAULT_POS=base["DEFAULT_POS"], GATHER=base["GATHER"], BLOCK_T=64, BLOCK_P=pow2(d // 2))
+            cx = dict(ENC=enc, DEFAULT_POS=base["DEFAULT_POS"], GATHER=base["GATHER"],
+                      BLOCK_T=rotate.rotate_block_t(4096, pow2(d // 2)), BLOCK_P=pow2(d // 2))
             yield f"rotate:{name}:{dtype}:d{d}", rotate.rotate_fwd_kernel, dtype, cx, [({}, 4, 1)]
     for dtype in dtypes:
         yield (f"bwd_preprocess:{dtype}", bwd.attn_bwd_preprocess_kernel, dtype, dict(BLOCK_DV=128),
@@ -153,6 +154,24 @@ def compile_one(i: int) -> list:
                 None, ""]
 
 
+def summary(csv_path: str) -> str:
+    """Markdown table per (kernel, dtype, head dim): variants, how many spill registers, the worst spill."""
+    table = {}
+    with open(csv_path, newline="") as f:
+        for r in csv.DictReader(f):
+            kernel, *rest = r["variant"].split(":")
+            if kernel == "bwd_preprocess":
+                continue
+            key = (kernel, rest[-2], int(rest[-1][1:]))
+            spill = int(r["spill_bytes"]) if r["spill_bytes"] not in ("", "None") else 0
+            n, nspill, worst = table.get(key, (0, 0, 0))
+            table[key] = (n + 1, nspill + (spill > 0), max(worst, spill))
+    lines = ["| kernel | dtype | head dim | variants | with spills | max spill (bytes/thread) |",
+             "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {k} | {dt} | {d} | {n} | {ns} | {w} |" for (k, dt, d), (n, ns, w) in sorted(table.items())]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, choices=sorted(SMEM_LIMIT))
@@ -163,7 +182,11 @@ def main(argv=None) -> int:
     ap.add_argument("--match", default="", help="only variants whose label contains this")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--csv")
+    ap.add_argument("--summary", metavar="CSV", help="print the Markdown spill table of an earlier --csv and exit")
     args = ap.parse_args(argv)
+    if args.summary:
+        print(summary(args.summary))
+        return 0
     jobs, groups = _JOBS, []
     for label, fn, dtype, cx, cfgs in variants(args.quick, args.dims, args.dtypes):
         if args.match in label:

@@ -45,6 +45,11 @@ def rotate_fwd_kernel(
     store_part(p_y, b_y2, o_t, m_t, o_d2, m_p, stride_yt, stride_yd)
 
 
+def rotate_block_t(t: int, block_p: int) -> int:
+    """Rows per program: 64, or 32 for head dim 256 (64 rows of it spill registers: scripts/triton_aot.py)."""
+    return 16 if t <= 16 else 64 if block_p <= 64 else 32
+
+
 def rotate_tensor(x: torch.Tensor, pos: torch.Tensor, plan: Plan, heads_out: int, default_pos: bool,
                   pos_offset: int = 0, nheads: int = 0, tables=None) -> torch.Tensor:
     """Rotate ``x (B, T, Hx, D)`` into a new ``(B, T, heads_out, D)`` tensor in x's dtype.
@@ -57,7 +62,7 @@ def rotate_tensor(x: torch.Tensor, pos: torch.Tensor, plan: Plan, heads_out: int
     tab_b, tab_t, tab_group = table_strides(plan, tables, nheads)
     tc, ts = tables if tables is not None else (plan.freq, plan.freq)
     y = torch.empty(b, t, heads_out, d, device=x.device, dtype=x.dtype)
-    block_t = 16 if t <= 16 else 64
+    block_t = rotate_block_t(t, plan.block_p1)
     grid = (triton.cdiv(t, block_t), b * heads_out)
     rotate_fwd_kernel[grid](
         x, y, pos, plan.idx1, plan.idx2, plan.freq, plan.fscale, tc, ts,

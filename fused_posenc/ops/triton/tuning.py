@@ -17,12 +17,21 @@ _FWD = {
     128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
     256: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
 }
+# backward, head dims 128/256: 8 warps first. Static evidence only (no GPU timing yet): ptxas reports
+# 1-10 KB of register spills per thread for 4 warps on these tiles and ~0 for the 8-warp configs
+# (scripts/triton_aot.py --ptxas, benchmarks/results/triton_aot_sm90.csv)
 _BWD = {
     64: [(64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2)],
-    128: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
-    256: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)],
+    128: [(64, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)],
+    256: [(32, 32, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (64, 32, 4, 2)],
 }
-_FP32 = [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)]
+# fp32 tiles are twice the bytes: smaller blocks (head dim 256 with 64 x 32 overflows an H100's 227 KiB of
+# shared memory in the backward with inline rotation, per scripts/triton_aot.py)
+_FP32 = {
+    64: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)],
+    128: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)],
+    256: [(32, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)],
+}
 
 
 def _tag(cfg, names):
@@ -36,7 +45,7 @@ def configs(kind: str, names):
         return [triton.Config({names[0]: 16, names[1]: 16}, num_warps=4, num_stages=1)]
     table = _FWD if kind == "fwd" else _BWD
     seen, out = set(), []
-    for cfgs in list(table.values()) + [_FP32]:
+    for cfgs in list(table.values()) + list(_FP32.values()):
         for c in cfgs:
             if c not in seen:
                 seen.add(c)
@@ -52,7 +61,7 @@ def pruner(kind: str, names):
         width = meta["BLOCK_P1"] + meta["BLOCK_P2"]
         width = max(width, meta.get("BLOCK_DV", width))
         klass = 64 if width <= 64 else 128 if width <= 128 else 256
-        wanted = _FP32 if meta["DTYPE_KEY"] == "torch.float32" else (_FWD if kind == "fwd" else _BWD)[klass]
+        wanted = (_FP32 if meta["DTYPE_KEY"] == "torch.float32" else _FWD if kind == "fwd" else _BWD)[klass]
         keep = []
         for c in wanted:
             for cfg in configs_:
