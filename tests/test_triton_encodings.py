@@ -1,6 +1,5 @@
 """Triton backend vs the reference: every encoding, forward and all gradients, causal and not, GQA."""
 import pytest
-import torch
 
 import fused_posenc as fp
 from helpers import make_qkv

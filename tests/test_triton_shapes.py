@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import fused_posenc as fp
 from helpers import make_qkv
 from triton_cases import DEVICE, DTYPES, ON_GPU, check_triton, needs_triton
 

@@ -1,7 +1,6 @@
 """NoPE: no positional encoding, ``score = s * q . k``."""
 from __future__ import annotations
 
-import torch
 
 from .base import Encoding, KernelParams
 

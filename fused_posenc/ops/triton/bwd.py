@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .fwd import dot_precision, enc_args, table_strides
-from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, LOG2E, load_encoded, load_part, part_dots, part_offsets,
+from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, head_layout, load_encoded, load_part, part_dots,
                     positions, rotate, rotate_back, rotation_tables, score_grads, scores_log2, store_part, visible)
 from .plan import Plan, interpreter
 from .tuning import configs, pruner
@@ -67,14 +67,8 @@ def attn_bwd_dkdv_kernel(
     i_b64 = i_b.to(tl.int64)
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < LK
-    o_p1 = tl.arange(0, BLOCK_P1)
-    m_p1 = o_p1 < P1
-    o_p2 = tl.arange(0, BLOCK_P2)
-    m_p2 = o_p2 < P2
-    o_d1 = part_offsets(IDX1, o_p1, m_p1, 0, GATHER)
-    o_d2 = part_offsets(IDX2, o_p2, m_p2, P1, GATHER)
-    o_dv = tl.arange(0, BLOCK_DV)
-    m_dv = o_dv < DV
+    o_p1, m_p1, o_p2, m_p2, o_d1, o_d2, o_dv, m_dv = head_layout(IDX1, IDX2, P1, P2, DV, GATHER, BLOCK_P1, BLOCK_P2,
+                                                                 BLOCK_DV)
     ROTATION: tl.constexpr = (ENC == ENC_ROTARY) or (ENC == ENC_FOPE)
 
     pos_n = positions(KPOS + i_b64 * stride_kpos_b, o_n, m_n, 0, DEFAULT_POS)
@@ -184,14 +178,8 @@ def attn_bwd_dq_kernel(
     i_b64 = i_b.to(tl.int64)
     o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < LQ
-    o_p1 = tl.arange(0, BLOCK_P1)
-    m_p1 = o_p1 < P1
-    o_p2 = tl.arange(0, BLOCK_P2)
-    m_p2 = o_p2 < P2
-    o_d1 = part_offsets(IDX1, o_p1, m_p1, 0, GATHER)
-    o_d2 = part_offsets(IDX2, o_p2, m_p2, P1, GATHER)
-    o_dv = tl.arange(0, BLOCK_DV)
-    m_dv = o_dv < DV
+    o_p1, m_p1, o_p2, m_p2, o_d1, o_d2, o_dv, m_dv = head_layout(IDX1, IDX2, P1, P2, DV, GATHER, BLOCK_P1, BLOCK_P2,
+                                                                 BLOCK_DV)
     ROTATION: tl.constexpr = (ENC == ENC_ROTARY) or (ENC == ENC_FOPE)
 
     pos_m = positions(QPOS + i_b64 * stride_qpos_b, o_m, m_m, q_pos_offset, DEFAULT_POS)

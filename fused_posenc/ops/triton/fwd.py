@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .hooks import (ENC_ALIBI, load_encoded, part_dots, part_offsets, positions, scores_log2, visible)
+from .hooks import ENC_ALIBI, head_layout, load_encoded, part_dots, positions, scores_log2, visible
 from .plan import Plan, interpreter
 from .tuning import configs, pruner
 
@@ -42,14 +42,8 @@ def attn_fwd_kernel(
 
     o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < LQ
-    o_p1 = tl.arange(0, BLOCK_P1)
-    m_p1 = o_p1 < P1
-    o_p2 = tl.arange(0, BLOCK_P2)
-    m_p2 = o_p2 < P2
-    o_d1 = part_offsets(IDX1, o_p1, m_p1, 0, GATHER)
-    o_d2 = part_offsets(IDX2, o_p2, m_p2, P1, GATHER)
-    o_dv = tl.arange(0, BLOCK_DV)
-    m_dv = o_dv < DV
+    o_p1, m_p1, o_p2, m_p2, o_d1, o_d2, o_dv, m_dv = head_layout(IDX1, IDX2, P1, P2, DV, GATHER, BLOCK_P1, BLOCK_P2,
+                                                                 BLOCK_DV)
 
     pos_m = positions(QPOS + i_b64 * stride_qpos_b, o_m, m_m, q_pos_offset, DEFAULT_POS)
     # the query tile is encoded once

@@ -31,6 +31,21 @@ def part_offsets(p_idx, o_p, m_p, start, GATHER: tl.constexpr):
 
 
 @triton.jit
+def head_layout(IDX1, IDX2, P1, P2, DV, GATHER: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
+                BLOCK_DV: tl.constexpr):
+    """Offsets and masks of a head's two parts (``o_p*`` inside a part, ``o_d*`` in the head dim) and of
+    v's head dims: ``(o_p1, m_p1, o_p2, m_p2, o_d1, o_d2, o_dv, m_dv)``."""
+    o_p1 = tl.arange(0, BLOCK_P1)
+    m_p1 = o_p1 < P1
+    o_p2 = tl.arange(0, BLOCK_P2)
+    m_p2 = o_p2 < P2
+    o_d1 = part_offsets(IDX1, o_p1, m_p1, 0, GATHER)
+    o_d2 = part_offsets(IDX2, o_p2, m_p2, P1, GATHER)
+    o_dv = tl.arange(0, BLOCK_DV)
+    return o_p1, m_p1, o_p2, m_p2, o_d1, o_d2, o_dv, o_dv < DV
+
+
+@triton.jit
 def positions(p_pos, o_r, m_r, pos_offset, DEFAULT_POS: tl.constexpr):
     """int32 positions of rows ``o_r``: ``o_r + pos_offset`` by default, else loaded (int64 in memory).
 
