@@ -59,6 +59,18 @@ __device__ void load_encoded(const EncParams& p, const X* src, int64_t rowstride
   __syncthreads();
 }
 
+// Smallest / largest of n positions (thread 0 of a block uses them to skip causally invisible tiles).
+__device__ __forceinline__ long long pos_min(const int64_t* pos, int n) {
+  long long r = pos[0];
+  for (int i = 1; i < n; ++i) r = min(r, (long long)pos[i]);
+  return r;
+}
+__device__ __forceinline__ long long pos_max(const int64_t* pos, int n) {
+  long long r = pos[0];
+  for (int i = 1; i < n; ++i) r = max(r, (long long)pos[i]);
+  return r;
+}
+
 // One score element (and the TAPA amplitude / phase dot) from shared-memory rows.
 __device__ __forceinline__ float score_elem(const EncParams& p, const float* qi, const float* kj, int D, float scale,
                                             int64_t qp, int64_t kp, float slope, float& amp, float& dot) {
@@ -103,20 +115,12 @@ __global__ void fwd_kernel(CudaAttnArgs a, EncParams p) {
   load_encoded<X>(p, q, (int64_t)a.H * D, nq, BM, D, qpos, h, Qs, true);
   for (int idx = threadIdx.x; idx < BM * Dv; idx += blockDim.x) acc[idx] = 0.f;
   if (threadIdx.x < BM) { m[threadIdx.x] = -INFINITY; l[threadIdx.x] = 0.f; }
-  if (threadIdx.x == 0) {
-    long long mx = qpos[0];
-    for (int i = 1; i < nq; ++i) mx = max(mx, (long long)qpos[i]);
-    qmax = mx;
-  }
+  if (threadIdx.x == 0) qmax = pos_max(qpos, nq);
   __syncthreads();
   for (int j0 = 0; j0 < a.Lk; j0 += BN) {
     const int nk = min(BN, a.Lk - j0);
     const int64_t* kpos = kpos_all + j0;
-    if (threadIdx.x == 0) {
-      long long mn = kpos[0];
-      for (int j = 1; j < nk; ++j) mn = min(mn, (long long)kpos[j]);
-      skip = a.causal && mn > qmax;
-    }
+    if (threadIdx.x == 0) skip = a.causal && pos_min(kpos, nk) > qmax;
     __syncthreads();
     const bool skipped = skip;
     __syncthreads();  // everyone has read `skip` before thread 0 may rewrite it
@@ -208,20 +212,12 @@ __global__ void bwd_kernel(CudaAttnArgs a, EncParams p) {
   load_encoded<X>(p, v, (int64_t)a.Hkv * Dv, nk, BN, Dv, kpos, h, Vs, false);
   for (int idx = threadIdx.x; idx < BN * D; idx += blockDim.x) dKs[idx] = 0.f;
   for (int idx = threadIdx.x; idx < BN * Dv; idx += blockDim.x) dVs[idx] = 0.f;
-  if (threadIdx.x == 0) {
-    long long mn = kpos[0];
-    for (int j = 1; j < nk; ++j) mn = min(mn, (long long)kpos[j]);
-    kmin = mn;
-  }
+  if (threadIdx.x == 0) kmin = pos_min(kpos, nk);
   __syncthreads();
   for (int i0 = 0; i0 < a.Lq; i0 += BM) {
     const int nq = min(BM, a.Lq - i0);
     const int64_t* qpos = qpos_all + i0;
-    if (threadIdx.x == 0) {
-      long long mx = qpos[0];
-      for (int i = 1; i < nq; ++i) mx = max(mx, (long long)qpos[i]);
-      skip = a.causal && kmin > mx;
-    }
+    if (threadIdx.x == 0) skip = a.causal && kmin > pos_max(qpos, nq);
     __syncthreads();
     const bool skipped = skip;
     __syncthreads();
