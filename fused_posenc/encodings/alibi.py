@@ -77,5 +77,9 @@ class ALiBi(Encoding):
     def kernel_params(self, head_dim, nheads, nheads_kv, batch, device) -> KernelParams:
         return KernelParams(kind="alibi", slopes=self.slopes(nheads, batch, device).contiguous())
 
+    def cache_key(self):
+        s = self._slopes  # a caller's tensor: its identity and in-place version, not its values (no sync)
+        return repr(self) if s is None else (repr(self), id(s), s._version)
+
     def __repr__(self):
         return f"ALiBi(slopes={'default' if self._slopes is None else tuple(self._slopes.shape)})"

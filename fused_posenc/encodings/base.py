@@ -164,5 +164,10 @@ class Encoding:
                       device: torch.device) -> KernelParams:
         raise NotImplementedError
 
+    def cache_key(self):
+        """A value that changes whenever the encoding's kernel parameters would: backends cache what
+        ``kernel_params`` derives under it. Default: the repr, which lists every option."""
+        return repr(self)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

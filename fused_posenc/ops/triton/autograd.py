@@ -78,7 +78,9 @@ def fope_tables(enc, pos: torch.Tensor):
 
 
 def _cached_plan(enc, d, h, hkv, b, device, scale) -> Plan:
-    key = (d, h, hkv, b, str(device), scale)
+    """The plan of (encoding, shape, device), cached per encoding object and keyed by its current options
+    (``Encoding.cache_key``), so an option changed after a call is seen."""
+    key = (enc.cache_key(), d, h, hkv, b, str(device), scale)
     try:
         per_enc = _PLANS.setdefault(enc, {})
     except TypeError:  # not weak-referenceable: no cache

@@ -8,8 +8,8 @@ import triton
 import triton.language as tl
 
 from .fwd import dot_precision, enc_args, table_strides
-from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, head_layout, load_encoded, load_part, part_dots,
-                    positions, rotate, rotate_back, rotation_tables, score_grads, scores_log2, store_part, visible)
+from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, head_layout, load_encoded, load_part, part_dots, positions,
+                    program_ids, rotate, rotate_back, rotation_tables, score_grads, scores_log2, store_part, visible)
 from .plan import Plan, interpreter
 from .tuning import configs, pruner
 
@@ -18,8 +18,7 @@ from .tuning import configs, pruner
 def attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_od,
                                stride_dob, stride_dot, stride_doh, stride_dod, LQ, H, DV,
                                BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = program_ids(LQ, BLOCK_M)
     i_b = (pid_bh // H).to(tl.int64)
     i_h = (pid_bh % H).to(tl.int64)
     o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -60,8 +59,7 @@ def attn_bwd_dkdv_kernel(
 
     Q is the raw q (``ROTATE_STREAM``) or q pre-rotated per query head; K, V, DK, DV are per kv head.
     """
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = program_ids(LK, BLOCK_N)
     i_b = pid_bh // HKV
     i_hk = pid_bh % HKV
     i_b64 = i_b.to(tl.int64)
@@ -171,8 +169,7 @@ def attn_bwd_dq_kernel(
     BLOCK_DV: tl.constexpr,
 ):
     """One block of queries of one head; K is raw (``ROTATE_STREAM``) or pre-rotated."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = program_ids(LQ, BLOCK_M)
     i_b = pid_bh // H
     i_h = pid_bh % H
     i_b64 = i_b.to(tl.int64)
@@ -258,7 +255,7 @@ def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, defa
     dv_ = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     delta = torch.empty(b, h, lq, device=q.device, dtype=torch.float32)
     block_dv = triton.next_power_of_2(max(dv, 16))
-    attn_bwd_preprocess_kernel[(triton.cdiv(lq, 64), b * h)](
+    attn_bwd_preprocess_kernel[(triton.cdiv(lq, 64) * b * h,)](
         out, do, delta, *out.stride(), *do.stride(), lq, h, dv, BLOCK_M=64, BLOCK_DV=block_dv)
     fope_grad = plan.enc == 2 and plan.fope_learnable
     if fope_grad:
@@ -277,11 +274,11 @@ def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, defa
     kt_b, kt_t, kt_group = table_strides(plan, k_tables, h)
     qt_b, qt_t, qt_group = table_strides(plan, q_tables, h)
 
-    attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b * hkv)](
+    attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)](
         q_stream, k, v, do, lse, delta, dk, dv_, tabs[2], tabs[3], q_pos, k_pos, plan.idx1, plan.idx2,
         *enc_args(plan, k_tables), *q_stream.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         *dv_.stride(), *pos_strides, kt_b, kt_t, lq, lk, h, hkv, h // hkv, kt_group, *scalars, **common)
-    attn_bwd_dq_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * h)](
+    attn_bwd_dq_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)](
         q, k_stream, v, do, lse, delta, dq, tabs[0], tabs[1], q_pos, k_pos, plan.idx1, plan.idx2,
         *enc_args(plan, q_tables), *q.stride(), *k_stream.stride(), *v.stride(), *do.stride(), *dq.stride(),
         *pos_strides, qt_b, qt_t, lq, lk, h, h // hkv, h // k_stream.shape[2], qt_group, *scalars, **common)

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .hooks import ENC_ALIBI, head_layout, load_encoded, part_dots, positions, scores_log2, visible
+from .hooks import ENC_ALIBI, head_layout, load_encoded, part_dots, positions, program_ids, scores_log2, visible
 from .plan import Plan, interpreter
 from .tuning import configs, pruner
 
@@ -31,8 +31,7 @@ def attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = program_ids(LQ, BLOCK_M)
     i_b = pid_bh // H
     i_h = pid_bh % H
     i_b64 = i_b.to(tl.int64)
@@ -126,7 +125,7 @@ def attn_fwd(q, k, v, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool,
     lse = torch.empty(b, h, lq, device=q.device, dtype=torch.float32)
 
     def grid(meta):
-        return (triton.cdiv(lq, meta["BLOCK_M"]), b * h)
+        return (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
 
     tab_b, tab_t, tab_group = table_strides(plan, q_tables, h)
     attn_fwd_kernel[grid](

@@ -31,6 +31,15 @@ def part_offsets(p_idx, o_p, m_p, start, GATHER: tl.constexpr):
 
 
 @triton.jit
+def program_ids(L, BLOCK: tl.constexpr):
+    """``(row block, batch * head)`` of this program in a 1-D grid of ``cdiv(L, BLOCK) * batch * heads``
+    programs: row blocks vary fastest (neighbours share K/V in L2) and batch * heads has no 65535 cap."""
+    n_blocks = tl.cdiv(L, BLOCK)
+    pid = tl.program_id(0)
+    return pid % n_blocks, pid // n_blocks
+
+
+@triton.jit
 def head_layout(IDX1, IDX2, P1, P2, DV, GATHER: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
                 BLOCK_DV: tl.constexpr):
     """Offsets and masks of a head's two parts (``o_p*`` inside a part, ``o_d*`` in the head dim) and of

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .hooks import load_encoded, part_offsets, positions, store_part
+from .hooks import load_encoded, part_offsets, positions, program_ids, store_part
 from .fwd import table_strides
 from .plan import Plan
 
@@ -25,8 +25,7 @@ def rotate_fwd_kernel(
     ENC: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_t, pid_bh = program_ids(T, BLOCK_T)
     i_b = (pid_bh // H_OUT).to(tl.int64)
     i_h = pid_bh % H_OUT
     o_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -63,7 +62,7 @@ def rotate_tensor(x: torch.Tensor, pos: torch.Tensor, plan: Plan, heads_out: int
     tc, ts = tables if tables is not None else (plan.freq, plan.freq)
     y = torch.empty(b, t, heads_out, d, device=x.device, dtype=x.dtype)
     block_t = rotate_block_t(t, plan.block_p1)
-    grid = (triton.cdiv(t, block_t), b * heads_out)
+    grid = (triton.cdiv(t, block_t) * b * heads_out,)
     rotate_fwd_kernel[grid](
         x, y, pos, plan.idx1, plan.idx2, plan.freq, plan.fscale, tc, ts,
         *x.stride(), *y.stride(), pos.stride(0) if pos.shape[0] > 1 else 0, tab_b, tab_t,

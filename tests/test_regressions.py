@@ -1,11 +1,12 @@
-"""Known bugs found in review, pinned as strict xfails: each test states the spec's answer and fails
-(XPASS -> error) once the bug is fixed, so that the marker is removed with the fix.
+"""Regression tests of bugs found in review (each failed before its fix).
 
-* C++/CUDA ``tapa_omega`` (csrc/include/fused_posenc/encoding_math.h) computes ``pow(0, alpha)``: for
+* C++/CUDA ``tapa_omega`` (csrc/include/fused_posenc/encoding_math.h) computed ``pow(0, alpha)``: for
   ``alpha = 0`` that is 1, but the spec says ``|0|^alpha = 0`` (the diagonal score is the amplitude alone).
-* Triton kernels read positions as int32 (ops/triton/hooks.py ``positions``) and nothing rejects
-  positions outside int32: positions >= 2^31 wrap and the causal mask / biases come out silently wrong.
-  Either the right answer or a ValueError is acceptable.
+* Triton kernels compute positions in int32 and nothing rejected positions outside that range:
+  positions >= 2^31 wrapped and the causal mask / biases came out silently wrong. Either the right
+  answer or a ValueError is acceptable.
+* The Triton backend cached its kernel plan per encoding object, so an option changed after a first
+  call (``enc.alpha = 0.7``) was ignored.
 """
 import pytest
 import torch
@@ -19,7 +20,6 @@ _cpu_ok, _cpu_why = get_backend("cpu").available()
 
 
 @pytest.mark.skipif(not _cpu_ok, reason=f"C++ extension not built: {_cpu_why}")
-@pytest.mark.xfail(strict=True, reason="encoding_math.h tapa_omega: pow(0, 0) = 1, the spec's |0|^alpha is 0")
 @pytest.mark.parametrize("causal", [False, True])
 def test_native_tapa_alpha_zero(causal):
     q, k, v = make_qkv(1, 6, 6, 2, 1, 8, torch.float64, seed=41)
@@ -31,7 +31,6 @@ def test_native_tapa_alpha_zero(causal):
 
 
 @needs_triton
-@pytest.mark.xfail(strict=True, reason="Triton kernels truncate positions to int32; positions >= 2^31 are not rejected")
 @pytest.mark.parametrize("encoding", ["none", "alibi"])
 def test_triton_positions_beyond_int32(encoding):
     q, k, v = make_qkv(1, 4, 8, 2, 2, 32, torch.float32, DEVICE, seed=42, requires_grad=False)
@@ -42,4 +41,20 @@ def test_triton_positions_beyond_int32(encoding):
     except ValueError:
         return  # rejecting such positions is fine too
     ref = fp.reference_attention(q, k, v, encoding, causal=True, q_positions=q_pos, k_positions=k_pos)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("make,change", [
+    (lambda: fp.TAPA(), lambda e: setattr(e, "alpha", 0.7)),
+    (lambda: fp.RoPE(), lambda e: setattr(e, "base", 500.0)),
+    (lambda: fp.HoPE(train_len=64), lambda e: setattr(e, "train_len", 16)),
+], ids=["tapa-alpha", "rope-base", "hope-train_len"])
+def test_triton_sees_options_changed_after_a_call(make, change):
+    enc = make()
+    q, k, v = make_qkv(1, 12, 20, 2, 1, 32, torch.float32, DEVICE, seed=43, requires_grad=False)
+    fp.fused_attention(q, k, v, enc, causal=True, backend="triton")
+    change(enc)
+    out = fp.fused_attention(q, k, v, enc, causal=True, backend="triton")
+    ref = fp.reference_attention(q, k, v, enc, causal=True)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
