@@ -77,6 +77,11 @@ int main() {
     const double om = tapa_omega<double>(2.0, 0.5, 9, 5);
     EXPECT_NEAR(om, 2.0 * std::sqrt(4.0), 1e-12);
     EXPECT_NEAR(tapa_omega<double>(2.0, 0.5, 5, 5), 0.0, 0);
+    // |0|^alpha = 0 for every alpha, alpha = 0 included (pow(0, 0) is 1); other distances give phase_scale
+    EXPECT_NEAR(tapa_omega<double>(2.0, 0.0, 5, 5), 0.0, 0);
+    EXPECT_NEAR(tapa_omega<float>(2.0, 0.0, 5, 5), 0.0, 0);
+    EXPECT_NEAR(tapa_omega<double>(2.0, 0.0, 5, 8), 2.0, 0);
+    EXPECT_NEAR(tapa_omega<double>(2.0, 0.0, 8, 5), 2.0, 0);
     const double amp = 1.3, dot = 0.21, ds = 0.7;
     double ga, gd;
     tapa_grad<double>(ds, amp, om, dot, ga, gd);

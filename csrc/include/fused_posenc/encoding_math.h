@@ -8,6 +8,9 @@
 
 #if defined(__CUDACC__)
 #define FPE_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// always_inline: a plain inline function is not inlined into the CPU kernels' ISA clones (target_clones)
+#define FPE_HD inline __attribute__((always_inline))
 #else
 #define FPE_HD inline
 #endif
@@ -122,11 +125,12 @@ FPE_HD T alibi_bias(float slope, int64_t qpos, int64_t kpos) {
 }
 
 // ---- TAPA -------------------------------------------------------------------------------------------
-// Omega = phase_scale * |m - n|^alpha (pow as torch computes it: 0^alpha = 0 for alpha > 0).
+// Omega = phase_scale * |m - n|^alpha with |0|^alpha = 0 for every alpha (the spec's rule; pow(0, 0) would be 1).
 template <typename T>
 FPE_HD T tapa_omega(double phase_scale, double alpha, int64_t qpos, int64_t kpos) {
   int64_t d = qpos - kpos;
   if (d < 0) d = -d;
+  if (d == 0) return T(0);
   return static_cast<T>(phase_scale) * pow(static_cast<T>(d), static_cast<T>(alpha));
 }
 // score = amp * cos(psi), amp = amp_scale * (qA . kA), psi = Omega * (qP . kP)
