@@ -206,16 +206,16 @@ FPE_INLINE float vpow(float x, float a, float ahi, float alo) {
 }
 FPE_INLINE double vpow(double x, double a, double, double) { return std::pow(x, a); }
 
-// sin and cos: Cody-Waite reduction by quarter turns (pi/2 in three parts, the first two exact in products with
-// the quadrant index), Cephes polynomials on [-pi/4, pi/4]; ~1e-7 absolute for |x| up to 1e5.
+// sin and cos: x - j pi/2 in double (j = nearest quarter turn; accurate while |x| < ~1e15, far beyond what a float
+// phase can mean), Cephes polynomials on [-pi/4, pi/4] in float; ~1e-7 absolute.
 FPE_INLINE void vsincos(float x, float& s, float& c) {
-  const float j = std::nearbyint(x * 0.63661977236758134f);
-  const float r = ((x - j * 1.5703125f) - j * 4.837512969970703125e-4f) - j * 7.54978995489188216e-8f;
-  const float z = r * r;
+  const double xd = x, j = std::nearbyint(xd * 0.63661977236758134308);
+  const float r = static_cast<float>(xd - j * 1.57079632679489661923), z = r * r;
   const float sr = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
   const float cr = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
                    0.5f * z + 1.f;
-  const uint32_t q = static_cast<uint32_t>(static_cast<int32_t>(j));  // quadrant: swap, then signs as bits
+  // quadrant j mod 4 (exact in double, then small enough for int32): swap, then signs as bits
+  const uint32_t q = static_cast<uint32_t>(static_cast<int32_t>(j - 4. * std::nearbyint(0.25 * j)));
   const float ss = pick(q & 1, cr, sr), cc = pick(q & 1, sr, cr);
   s = __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, ss) ^ ((q & 2) << 30));
   c = __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, cc) ^ (((q + 1) & 2) << 30));
@@ -255,8 +255,8 @@ struct Plan {
   int64_t ntab = 0;
   // TAPA: Omega by key - query position, omega[n - m - omega_lo], when these span a short range; kcontig: whether
   // the key positions of a (batch, key tile) are consecutive, so that a query row reads Omega as one contiguous run
-  const T* omega = nullptr;
-  int64_t omega_lo = 0;
+  T* omega = nullptr;
+  int64_t omega_lo = 0, nomega = 0;
   std::vector<uint8_t> kcontig;
   T *tc = nullptr, *ts = nullptr;  // (ntab, Ht, P) cos / sin tables
   T *bc = nullptr, *bs = nullptr;  // (ntab, Dk) FoPE Fourier basis cos(omega_k t), sin(omega_k t)
@@ -270,15 +270,17 @@ struct Plan {
   T* gq = nullptr;                 // (nsplit, B, H, Lqp, Dp) gradient w.r.t. encoded q, one per key-tile share
   T* gk = nullptr;                 // (B, H, Lkp, Dp) gradient w.r.t. encoded k, per query head
 
-  int64_t col(int64_t d) const { return d < split ? d : Da + d - split; }
   bool visible(int64_t b, int64_t qb, int64_t kt_) const {
     return !causal || kmin[(kpos_batched ? b : 0) * nkt + kt_] <= qmax[(qpos_batched ? b : 0) * nqb + qb];
   }
   // whether some key of the tile is padding or (causal) after some query of the block
   bool masked(int64_t b, int64_t qb, int64_t kt_) const {
-    return (kt_ + 1) * BK > dm.Lk || (causal && kmax[(kpos_batched ? b : 0) * nkt + kt_] > qmin[(qpos_batched ? b : 0) * nqb + qb]);
+    return (kt_ + 1) * BK > dm.Lk ||
+           (causal && kmax[(kpos_batched ? b : 0) * nkt + kt_] > qmin[(qpos_batched ? b : 0) * nqb + qb]);
   }
   int64_t table_head(int64_t h) const { return Ht > 1 ? h : 0; }
+  // the factor the softmax applies to the scores: the scale itself unless score_row already applied it
+  T exp_scale() const { return tapa || p.kind == ENC_ALIBI ? T(1) : scale; }
   // TAPA: the run of Omega for query position qp and the keys of a tile starting at kp0, or null
   const T* omega_run(int64_t b, int64_t kt_, int64_t qp, int64_t kp0) const {
     return omega && kcontig[(kpos_batched ? b : 0) * nkt + kt_] ? omega + (kp0 - qp - omega_lo) : nullptr;
@@ -323,8 +325,11 @@ FPE_CPU_CLONES void table_row(const Plan<T>& c, int64_t r) {
 // The encoded row y (Dp columns, zero-padded) of the input row x at table row r of table head ht.
 template <class T>
 FPE_INLINE void encode_row(const Plan<T>& c, const T* x, int64_t r, int64_t ht, T* y) {
-  std::fill(y, y + c.Dp, T(0));
-  for (int64_t d = 0; d < c.dm.D; ++d) y[c.col(d)] = x[d];
+  const int64_t D = c.dm.D, split = c.split, Da = c.Da;
+  std::copy(x, x + split, y);
+  std::fill(y + split, y + Da, T(0));
+  std::copy(x + split, x + D, y + Da);
+  std::fill(y + Da + D - split, y + c.Dp, T(0));
   if (!is_rotation(c.p.kind)) return;
   const int64_t P = c.p.npairs;
   const T *tc = c.tc + (r * c.Ht + ht) * P, *ts = c.ts + (r * c.Ht + ht) * P;
@@ -340,7 +345,8 @@ template <class T>
 FPE_INLINE void decode_row(const Plan<T>& c, const T* g, const T* x, int64_t r, int64_t ht, T* out, T* dA, T* dB,
                            T* dc, T* ds) {
   const EncParams& p = c.p;
-  for (int64_t d = 0; d < c.dm.D; ++d) out[d] = g[c.col(d)];
+  std::copy(g, g + c.split, out);
+  std::copy(g + c.Da, g + c.Da + c.dm.D - c.split, out + c.split);
   if (!is_rotation(p.kind)) return;
   const int64_t P = p.npairs;
   const T *tc = c.tc + (r * c.Ht + ht) * P, *ts = c.ts + (r * c.Ht + ht) * P;
@@ -365,12 +371,7 @@ FPE_INLINE void decode_row(const Plan<T>& c, const T* g, const T* x, int64_t r, 
   }
 }
 
-// Scores of one query row of a tile: s holds q.k over the input dims [0, split) on entry, the score on exit; with
-// `mask`, keys j >= nk and (if causal) keys after the query get -inf. TAPA: x holds the phase dot q_P.k_P on entry;
-// with GRAD, x and y return the factors of dS in the gradients of q_A.k_A (scale cos psi) and of q_P.k_P
-// (-amp sin psi Omega); om: Omega of the row's keys from the table (Plan::omega_run), or null to compute it.
-// No float op sits under a condition (GCC would not vectorize it for AVX2).
-// TAPA's score from Omega (om) for key j; see score_row
+// TAPA's score for key j given Omega (om); see score_row
 template <class T, bool GRAD>
 FPE_INLINE void tapa_score(T om, T sc, T* s, T* x, T* y, int j) {
   T sn, cs;
@@ -383,6 +384,12 @@ FPE_INLINE void tapa_score(T om, T sc, T* s, T* x, T* y, int j) {
   }
 }
 
+// Scores of one query row of a tile. s holds q.k over the input dims [0, split) on entry, the score on exit (still
+// unscaled when the encoding adds nothing to it: Plan::exp_scale); with `mask`, keys j >= nk and (if causal) keys
+// after the query get -inf. TAPA: x holds the phase dot q_P.k_P on entry; with GRAD, x and y return the factors of
+// dS in the gradients of q_A.k_A (scale cos psi) and of q_P.k_P (-amp sin psi Omega); om is Omega of the row's
+// keys from the per-call table (Plan::omega_run), or null to compute it. No float op sits under a condition (GCC
+// would not vectorize the loop for AVX2).
 template <class T, bool GRAD>
 FPE_INLINE void score_row(const Plan<T>& c, int64_t qp, const int64_t* kp, const double* kpd, const T* om, int nk,
                           bool mask, T slope, T* s, T* x, T* y) {
@@ -403,10 +410,7 @@ FPE_INLINE void score_row(const Plan<T>& c, int64_t qp, const int64_t* kp, const
   } else if (c.p.kind == ENC_ALIBI) {
 #pragma omp simd
     for (int j = 0; j < BK; ++j) s[j] = s[j] * sc - slope * static_cast<T>(std::fabs(qpd - kpd[j]));
-  } else {
-#pragma omp simd
-    for (int j = 0; j < BK; ++j) s[j] *= sc;
-  }
+  }  // else the scale stays in the softmax: exp(scale * s - m), see Plan::exp_scale
   if (!mask) return;
   const T ninf = -std::numeric_limits<T>::infinity();
   const bool causal = c.causal;
@@ -439,8 +443,8 @@ FPE_INLINE void transpose_tile(const T* rows, int64_t ld, int64_t n, T* panel) {
     for (int64_t d = 0; d < n; ++d) panel[d * BK + j] = rows[j * ld + d];
 }
 
-// One key tile of one head: encoded k (backward: also as rows), v as rows (forward) or transposed (backward).
-// A tile at a time keeps its panel in L1 (a row at a time would scatter into every head's panel).
+// One key tile of one head of the encoded k: transposed (the panel), for the backward also as rows. A tile at a time
+// keeps its panel in L1 (a row at a time would scatter into every head's panel).
 template <class T>
 FPE_CPU_CLONES void prep_k_tile(const Plan<T>& c, const T* k, int64_t item, T* tmp) {
   const Dims& dm = c.dm;
@@ -456,6 +460,7 @@ FPE_CPU_CLONES void prep_k_tile(const Plan<T>& c, const T* k, int64_t item, T* t
   transpose_tile<T>(rows, Dp, Dp, c.kt + ((b * c.Hke + he) * c.nkt + tile) * Dp * BK);
 }
 
+// One key tile of one head of v: as rows (forward) or transposed (backward).
 template <class T>
 FPE_CPU_CLONES void prep_v_tile(const Plan<T>& c, const T* v, int64_t item, T* tmp) {
   const Dims& dm = c.dm;
@@ -482,6 +487,7 @@ FPE_CPU_CLONES void prep_do_block(const Plan<T>& c, const T* dout, const T* out,
     const T *g = dout + ((b * dm.Lq + t) * dm.H + h) * dm.Dv, *o = out + ((b * dm.Lq + t) * dm.H + h) * dm.Dv;
     std::copy(g, g + dm.Dv, rows + i * Dvp);
     T acc = 0;
+#pragma omp simd reduction(+ : acc)
     for (int64_t e = 0; e < dm.Dv; ++e) acc += g[e] * o[e];
     c.delta[(b * dm.H + h) * dm.Lq + t] = acc;
   }
@@ -505,6 +511,7 @@ FPE_CPU_CLONES void forward_block(const Plan<T>& c, int64_t item, T* scratch, T*
   const T ninf = -std::numeric_limits<T>::infinity();
   const T* Q = c.qe + ((b * dm.H + h) * c.Lqp + i0) * Dp;
   const int64_t* qp = c.qpos + (c.qpos_batched ? b * c.Lqp : 0) + i0;
+  const T esc = c.exp_scale();
   const T slope = c.p.kind == ENC_ALIBI ? static_cast<T>(c.p.slopes[(c.p.slopes_batch > 1 ? b : 0) * dm.H + h]) : T(0);
   std::fill(O, O + Mq * Dvp, T(0));
   std::fill(m, m + BQ, ninf);
@@ -521,14 +528,14 @@ FPE_CPU_CLONES void forward_block(const Plan<T>& c, int64_t item, T* scratch, T*
     for (int i = 0; i < nq; ++i) {  // online softmax: S becomes P = exp(s - m_new), O is rescaled by corr
       T* s = S + i * BK;
       score_row<T, false>(c, qp[i], kp, kpd, c.omega_run(b, kt, qp[i], kp[0]), nk, mask, slope, s, X + i * BK, nullptr);
-      const T mx = std::max(m[i], row_max(s));
+      const T mx = std::max(m[i], esc * row_max(s));  // esc > 0: the max of the scaled scores
       if (mx == ninf) {  // nothing visible yet
         std::fill(s, s + BK, T(0));
         corr[i] = 1;
         continue;
       }
 #pragma omp simd
-      for (int j = 0; j < BK; ++j) s[j] = vexp(s[j] - mx);
+      for (int j = 0; j < BK; ++j) s[j] = vexp(s[j] * esc - mx);
       corr[i] = vexp(m[i] - mx);
       m[i] = mx;
       Vec<T> sum = vload(l + i * kW<T>) * corr[i];  // per-lane partial sums: one horizontal sum per row, at the end
@@ -568,7 +575,7 @@ FPE_CPU_CLONES void backward_item(const Plan<T>& c, int64_t item, T* scratch, co
   const int64_t b = task / dm.H, h = task % dm.H, hk = h / dm.G, he = c.Hke == dm.H ? h : hk;
   const int64_t Dp = c.Dp, Dvp = c.Dvp, Da = c.Da;
   T *S = scratch, *DP = S + BQ * BK, *X = DP + BQ * BK, *Y = X + BQ * BK, *dK = Y + BQ * BK, *dV = dK + BK * Dp;
-  const T ninf = -std::numeric_limits<T>::infinity(), sc = c.scale;
+  const T ninf = -std::numeric_limits<T>::infinity(), sc = c.scale, esc = c.exp_scale();
   const T slope = c.p.kind == ENC_ALIBI ? static_cast<T>(c.p.slopes[(c.p.slopes_batch > 1 ? b : 0) * dm.H + h]) : T(0);
   const T* lse_bh = lse + (b * dm.H + h) * dm.Lq;
   const T* delta = c.delta + (b * dm.H + h) * dm.Lq;
@@ -615,7 +622,7 @@ FPE_CPU_CLONES void backward_item(const Plan<T>& c, int64_t item, T* scratch, co
         } else {
 #pragma omp simd
           for (int j = 0; j < BK; ++j) {
-            const T pj = vexp(s[j] - L);
+            const T pj = vexp(s[j] * esc - L);
             s[j] = pj;
             dp[j] = pj * (dp[j] - dl) * sc;
           }
@@ -666,7 +673,8 @@ FPE_CPU_CLONES void decode_head(const Plan<T>& c, int64_t task, const T* q, cons
 }
 
 // ---- launchers ----------------------------------------------------------------------------------------------------
-// Geometry, padded positions, table rows and the (zeroed) operand buffers; `keep` owns the memory.
+// Geometry, padded positions, block summaries, table rows and the operand buffers (written by the preparation,
+// except dQ's, which is accumulated and starts at zero); `keep` owns the memory.
 template <class T>
 Plan<T> make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_pos,
                   const at::Tensor& k_pos, const EncParams& p, bool causal, double scale, bool backward,
@@ -753,11 +761,9 @@ Plan<T> make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const int64_t klo = *std::min_element(kp, kp + Bk * dm.Lk), khi = *std::max_element(kp, kp + Bk * dm.Lk);
     const __int128 lo = static_cast<__int128>(klo) - qhi, n = static_cast<__int128>(khi) - qlo - lo + 1 + BK;
     if (n <= 4 * (dm.Lq + dm.Lk + BK)) {  // (+ BK: a run may read past the last key of a tile)
-      T* om = buf(static_cast<int64_t>(n));
-      c.omega = om;
+      c.nomega = static_cast<int64_t>(n);
+      c.omega = buf(c.nomega);
       c.omega_lo = static_cast<int64_t>(lo);
-      for (int64_t i = 0; i < static_cast<int64_t>(n); ++i)
-        om[i] = tapa_omega<T>(p.tapa_phase_scale, p.tapa_alpha, 0, c.omega_lo + i);
       c.kcontig.assign(Bk * c.nkt, 1);
       for (int64_t i = 0; i < Bk * dm.Lk; ++i)
         if (i % dm.Lk % BK != 0 && static_cast<uint64_t>(kp[i]) - static_cast<uint64_t>(kp[i - 1]) != 1)
@@ -782,6 +788,16 @@ Plan<T> make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   return c;
 }
 
+// The per-call tables (rotations, TAPA's Omega), inside the launchers' parallel region.
+template <class T>
+void fill_tables(const Plan<T>& c) {
+#pragma omp for schedule(static) nowait
+  for (int64_t r = 0; r < c.ntab; ++r) table_row<T>(c, r);
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < c.nomega; ++i)
+    c.omega[i] = tapa_omega<T>(c.p.tapa_phase_scale, c.p.tapa_alpha, 0, c.omega_lo + i);
+}
+
 template <class T>
 T* thread_scratch(at::Tensor& all) {
   return all.data_ptr<T>() + omp_get_thread_num() * all.size(1);
@@ -799,8 +815,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 #pragma omp parallel num_threads(nth)
   {
     T* mine = thread_scratch<T>(scratch);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < c.ntab; ++r) table_row<T>(c, r);
+    fill_tables<T>(c);
 #pragma omp for schedule(static) nowait
     for (int64_t item = 0; item < dm.B * dm.H * c.nqb; ++item) prep_q_block<T>(c, qd, item);
 #pragma omp for schedule(static) nowait
@@ -826,8 +841,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 #pragma omp parallel num_threads(nth)
   {
     T* mine = thread_scratch<T>(scratch);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < c.ntab; ++r) table_row<T>(c, r);
+    fill_tables<T>(c);
 #pragma omp for schedule(static) nowait
     for (int64_t item = 0; item < dm.B * dm.H * c.nqb; ++item) prep_q_block<T>(c, qd, item);
 #pragma omp for schedule(static) nowait
