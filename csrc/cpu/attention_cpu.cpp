@@ -28,19 +28,28 @@ namespace {
 // the loader picks one by CPU features (GCC ifunc). What they call in their loops is FPE_INLINE: GCC does not
 // inline a plain function into a clone of another ISA, and the call would run at baseline (SSE2) speed.
 // Define FUSED_POSENC_NO_CLONES to disable the clones.
+// kVecBytes: the register width of the clone that runs (the features of x86-64-v4 / v3). The explicit vector code
+// (matmul, row reductions) uses vectors of that width: GCC lowers wider ones through the stack (10x slower).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FUSED_POSENC_NO_CLONES)
 #define FPE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-// 32 vector registers hold a 4 x 4 tile of 64-byte accumulators; 16 (AVX2, SSE) a 4 x 1 one
-const bool kWideRegisters = [] {
+const int kVecBytes = [] {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") != 0;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512cd") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    return 64;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
+      __builtin_cpu_supports("bmi2"))
+    return 32;
+  return 16;
 }();
 #else
 #define FPE_CPU_CLONES
 #if defined(__AVX512F__)
-constexpr bool kWideRegisters = true;
+constexpr int kVecBytes = 64;
+#elif defined(__AVX2__)
+constexpr int kVecBytes = 32;
 #else
-constexpr bool kWideRegisters = false;
+constexpr int kVecBytes = 16;
 #endif
 #endif
 #define FPE_INLINE inline __attribute__((always_inline))
@@ -51,24 +60,24 @@ constexpr int MR = 4;   // rows of the micro-kernel's register tile
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// ---- 64-byte vectors (GCC vector extensions: one zmm, two ymm or four xmm, whatever the clone has) ---------
-template <class T>
+// ---- vectors of VB bytes (GCC vector extensions) ----------------------------------------------------------------
+template <class T, int VB>
 struct VecOf {
-  typedef T type __attribute__((vector_size(64)));
+  typedef T type __attribute__((vector_size(VB)));
 };
+template <class T, int VB>
+using Vec = typename VecOf<T, VB>::type;
 template <class T>
-using Vec = typename VecOf<T>::type;
-template <class T>
-constexpr int64_t kW = 64 / sizeof(T);  // lanes
+constexpr int64_t kW = 64 / sizeof(T);  // rows are padded to whole 64-byte vectors (any VB divides them)
 
-template <class T>
-FPE_INLINE Vec<T> vload(const T* p) {
-  Vec<T> v;
+template <class T, int VB>
+FPE_INLINE Vec<T, VB> vload(const T* p) {
+  Vec<T, VB> v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-template <class T>
-FPE_INLINE void vstore(T* p, const Vec<T>& v) {
+template <class T, int VB>
+FPE_INLINE void vstore(T* p, const Vec<T, VB>& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
@@ -87,59 +96,76 @@ FPE_INLINE T hmax(const T* x) {  // max of the N bytes at x, N >= 16
     return hmax<T, N / 2>(reinterpret_cast<const T*>(&m));
   }
 }
-template <class T>
+template <class T, int VB>
 FPE_INLINE T row_max(const T* s) {
-  Vec<T> m = vload(s);
-  for (int64_t v = kW<T>; v < BK; v += kW<T>) {
-    const Vec<T> x = vload(s + v);
+  Vec<T, VB> m = vload<T, VB>(s);
+  for (int64_t v = VB / sizeof(T); v < BK; v += VB / sizeof(T)) {
+    const Vec<T, VB> x = vload<T, VB>(s + v);
     m = x > m ? x : m;
   }
-  return hmax<T, 64>(reinterpret_cast<const T*>(&m));
+  return hmax<T, VB>(reinterpret_cast<const T*>(&m));
+}
+template <class T>
+FPE_INLINE T row_max(const T* s) {
+  return kVecBytes == 64 ? row_max<T, 64>(s) : kVecBytes == 32 ? row_max<T, 32>(s) : row_max<T, 16>(s);
+}
+
+// l (64 bytes of per-lane partial sums) = l * f + the BK values of s, lane-wise: one horizontal sum per row, at the end
+template <class T, int VB>
+FPE_INLINE void lane_sums(T* l, T f, const T* s) {
+  for (int64_t u = 0; u < kW<T>; u += VB / sizeof(T)) {
+    Vec<T, VB> acc = vload<T, VB>(l + u) * f;
+    for (int64_t v = u; v < BK; v += kW<T>) acc += vload<T, VB>(s + v);
+    vstore<T, VB>(l + u, acc);
+  }
+}
+template <class T>
+FPE_INLINE void lane_sums(T* l, T f, const T* s) {
+  kVecBytes == 64 ? lane_sums<T, 64>(l, f, s) : kVecBytes == 32 ? lane_sums<T, 32>(l, f, s) : lane_sums<T, 16>(l, f, s);
 }
 
 // ---- matmul ------------------------------------------------------------------------------------------------
 // C[m][:] (+)= sum_k a[m*am + k*ak] * B[k][:] for MR rows and NV vectors of columns. The MR x NV accumulators
 // stay in registers, a row of B is NV contiguous vectors, a is broadcast (any strides: a transposed A is free).
-template <class T, int NV, bool ACC>
+template <class T, int VB, int NV, bool ACC>
 FPE_INLINE void micro(const T* a, int64_t am, int64_t ak, const T* b, int64_t ldb, int64_t K, T* c, int64_t ldc) {
-  constexpr int64_t W = kW<T>;
-  Vec<T> acc[MR][NV];
+  constexpr int64_t W = VB / sizeof(T);
+  Vec<T, VB> acc[MR][NV];
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = ACC ? vload(c + m * ldc + v * W) : Vec<T>{};
+    for (int v = 0; v < NV; ++v) acc[m][v] = ACC ? vload<T, VB>(c + m * ldc + v * W) : Vec<T, VB>{};
   for (int64_t k = 0; k < K; ++k) {
-    Vec<T> bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = vload(b + k * ldb + v * W);
+    Vec<T, VB> bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = vload<T, VB>(b + k * ldb + v * W);
     for (int m = 0; m < MR; ++m) {
       const T x = a[m * am + k * ak];
       for (int v = 0; v < NV; ++v) acc[m][v] += x * bv[v];
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) vstore(c + m * ldc + v * W, acc[m][v]);
+    for (int v = 0; v < NV; ++v) vstore<T, VB>(c + m * ldc + v * W, acc[m][v]);
 }
 
-template <class T, int NV, bool ACC>
-FPE_INLINE void gemm_cols(int64_t M, int64_t K, const T* a, int64_t am, int64_t ak, const T* b, int64_t ldb, T* c,
-                          int64_t ldc) {
-  for (int64_t m = 0; m < M; m += MR) micro<T, NV, ACC>(a + m * am, am, ak, b, ldb, K, c + m * ldc, ldc);
+// columns [0, N) in blocks of NV vectors of VB bytes (then one block of the remaining NV' < NV), all rows
+template <class T, int VB, int NV, bool ACC>
+FPE_INLINE void gemm_cols(int64_t M, int64_t N, int64_t K, const T* a, int64_t am, int64_t ak, const T* b,
+                          int64_t ldb, T* c, int64_t ldc) {
+  constexpr int64_t W = VB / sizeof(T);
+  int64_t n = 0;
+  for (; n + NV * W <= N; n += NV * W)
+    for (int64_t m = 0; m < M; m += MR) micro<T, VB, NV, ACC>(a + m * am, am, ak, b + n, ldb, K, c + m * ldc + n, ldc);
+  if constexpr (NV > 1) {
+    if (n < N) gemm_cols<T, VB, NV - 1, ACC>(M, N - n, K, a, am, ak, b + n, ldb, c + n, ldc);
+  }
 }
 
 // C (M x N) (+)= A (M x K) B (K x N): A[m][k] = a[m*am + k*ak], B and C row-major. M is a multiple of MR and N
-// of the vector width: every buffer is padded so.
+// of 64 bytes: every buffer is padded so. Register tiles: 4 x 4 zmm (32 registers), 4 x 2 ymm or xmm (16).
 template <class T, bool ACC>
 FPE_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t am, int64_t ak, const T* b, int64_t ldb,
                      T* c, int64_t ldc) {
-  constexpr int64_t W = kW<T>;
-  const int64_t nv = N / W;
-  int64_t v = 0;
-  if (kWideRegisters) {
-    for (; v + 4 <= nv; v += 4) gemm_cols<T, 4, ACC>(M, K, a, am, ak, b + v * W, ldb, c + v * W, ldc);
-    if (nv - v == 3) gemm_cols<T, 3, ACC>(M, K, a, am, ak, b + v * W, ldb, c + v * W, ldc);
-    if (nv - v == 2) gemm_cols<T, 2, ACC>(M, K, a, am, ak, b + v * W, ldb, c + v * W, ldc);
-    if (nv - v == 1) gemm_cols<T, 1, ACC>(M, K, a, am, ak, b + v * W, ldb, c + v * W, ldc);
-  } else {
-    for (; v < nv; ++v) gemm_cols<T, 1, ACC>(M, K, a, am, ak, b + v * W, ldb, c + v * W, ldc);
-  }
+  if (kVecBytes == 64) gemm_cols<T, 64, 4, ACC>(M, N, K, a, am, ak, b, ldb, c, ldc);
+  else if (kVecBytes == 32) gemm_cols<T, 32, 2, ACC>(M, N, K, a, am, ak, b, ldb, c, ldc);
+  else gemm_cols<T, 16, 2, ACC>(M, N, K, a, am, ak, b, ldb, c, ldc);
 }
 
 // ---- float math that vectorizes (double: libm) -----------------------------------------------------------------
@@ -538,9 +564,7 @@ FPE_CPU_CLONES void forward_block(const Plan<T>& c, int64_t item, T* scratch, T*
       for (int j = 0; j < BK; ++j) s[j] = vexp(s[j] * esc - mx);
       corr[i] = vexp(m[i] - mx);
       m[i] = mx;
-      Vec<T> sum = vload(l + i * kW<T>) * corr[i];  // per-lane partial sums: one horizontal sum per row, at the end
-      for (int64_t v = 0; v < BK; v += kW<T>) sum += vload(s + v);
-      vstore(l + i * kW<T>, sum);
+      lane_sums(l + i * kW<T>, corr[i], s);
     }
     std::fill(S + nq * BK, S + Mq * BK, T(0));
     for (int i = 0; i < nq; ++i) {
