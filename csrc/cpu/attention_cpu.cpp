@@ -812,14 +812,18 @@ Plan<T> make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   return c;
 }
 
-// The per-call tables (rotations, TAPA's Omega), inside the launchers' parallel region.
+// The per-call tables (rotations, TAPA's Omega), inside the launchers' parallel region; a barrier only if there are
+// any (every barrier is a stall when the machine is oversubscribed).
 template <class T>
 void fill_tables(const Plan<T>& c) {
 #pragma omp for schedule(static) nowait
   for (int64_t r = 0; r < c.ntab; ++r) table_row<T>(c, r);
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
   for (int64_t i = 0; i < c.nomega; ++i)
     c.omega[i] = tapa_omega<T>(c.p.tapa_phase_scale, c.p.tapa_alpha, 0, c.omega_lo + i);
+  if (c.ntab + c.nomega > 0) {
+#pragma omp barrier
+  }
 }
 
 template <class T>
