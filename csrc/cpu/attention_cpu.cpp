@@ -462,11 +462,11 @@ FPE_CPU_CLONES void prep_q_block(const Plan<T>& c, const T* q, int64_t item) {
   }
 }
 
-// rows (BK x n, leading dimension ld) -> panel (n x BK)
+// rows (BK x n, leading dimension ld) -> panel (n x BK); contiguous stores (strided ones were slower)
 template <class T>
 FPE_INLINE void transpose_tile(const T* rows, int64_t ld, int64_t n, T* panel) {
-  for (int64_t j = 0; j < BK; ++j)
-    for (int64_t d = 0; d < n; ++d) panel[d * BK + j] = rows[j * ld + d];
+  for (int64_t d = 0; d < n; ++d)
+    for (int64_t j = 0; j < BK; ++j) panel[d * BK + j] = rows[j * ld + d];
 }
 
 // One key tile of one head of the encoded k: transposed (the panel), for the backward also as rows. A tile at a time
