@@ -18,7 +18,7 @@
 
 #include "../native.h"
 
-// The 64-byte vector helpers return vectors by value; they are always inlined, so no ABI is involved.
+// The vector helpers return vectors by value; they are always inlined, so no ABI is involved.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace fused_posenc {
@@ -28,8 +28,8 @@ namespace {
 // the loader picks one by CPU features (GCC ifunc). What they call in their loops is FPE_INLINE: GCC does not
 // inline a plain function into a clone of another ISA, and the call would run at baseline (SSE2) speed.
 // Define FUSED_POSENC_NO_CLONES to disable the clones.
-// kVecBytes: the register width of the clone that runs (the features of x86-64-v4 / v3). The explicit vector code
-// (matmul, row reductions) uses vectors of that width: GCC lowers wider ones through the stack (10x slower).
+// kVecBytes: the register width of the clone that runs (checked by the features of x86-64-v4 / v3). The explicit
+// vector code (matmul, row reductions) uses vectors of that width: GCC lowers wider ones through the stack.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FUSED_POSENC_NO_CLONES)
 #define FPE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 const int kVecBytes = [] {
