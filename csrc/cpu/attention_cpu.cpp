@@ -813,12 +813,13 @@ Plan<T> make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }
 
 // The per-call tables (rotations, TAPA's Omega), inside the launchers' parallel region; a barrier only if there are
-// any (every barrier is a stall when the machine is oversubscribed).
+// any. (Every barrier is a stall when the machine is oversubscribed; hence also dynamic schedules throughout: a
+// running thread takes over the work of a descheduled one.)
 template <class T>
 void fill_tables(const Plan<T>& c) {
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic, 16) nowait
   for (int64_t r = 0; r < c.ntab; ++r) table_row<T>(c, r);
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic, 256) nowait
   for (int64_t i = 0; i < c.nomega; ++i)
     c.omega[i] = tapa_omega<T>(c.p.tapa_phase_scale, c.p.tapa_alpha, 0, c.omega_lo + i);
   if (c.ntab + c.nomega > 0) {
@@ -844,11 +845,11 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   {
     T* mine = thread_scratch<T>(scratch);
     fill_tables<T>(c);
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t item = 0; item < dm.B * dm.H * c.nqb; ++item) prep_q_block<T>(c, qd, item);
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t item = 0; item < dm.B * c.Hke * c.nkt; ++item) prep_k_tile<T>(c, kd, item, mine);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < dm.B * dm.Hkv * c.nkt; ++item) prep_v_tile<T>(c, vd, item, mine);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < dm.B * dm.H * c.nqb; ++item) forward_block<T>(c, item, mine, out, lse);
@@ -870,13 +871,13 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   {
     T* mine = thread_scratch<T>(scratch);
     fill_tables<T>(c);
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t item = 0; item < dm.B * dm.H * c.nqb; ++item) prep_q_block<T>(c, qd, item);
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t item = 0; item < dm.B * dm.H * c.nqb; ++item) prep_do_block<T>(c, dod, od, item);
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t item = 0; item < dm.B * c.Hke * c.nkt; ++item) prep_k_tile<T>(c, kd, item, mine);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < dm.B * dm.Hkv * c.nkt; ++item) prep_v_tile<T>(c, vd, item, mine);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < dm.B * dm.H * c.nsplit; ++item) backward_item<T>(c, item, mine, lse, dvh);
