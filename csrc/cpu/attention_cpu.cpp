@@ -10,9 +10,11 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -604,6 +606,7 @@ FPE_CPU_CLONES void backward_item(const Plan<T>& c, int64_t item, T* scratch, co
   const T* lse_bh = lse + (b * dm.H + h) * dm.Lq;
   const T* delta = c.delta + (b * dm.H + h) * dm.Lq;
   T* gq = c.gq + ((share * dm.B + b) * dm.H + h) * c.Lqp * Dp;
+  std::fill(gq, gq + c.Lqp * Dp, T(0));
   for (int64_t kt = share; kt < c.nkt; kt += c.nsplit) {
     std::fill(dK, dK + BK * Dp, T(0));
     std::fill(dV, dV + BK * Dvp, T(0));
@@ -697,8 +700,7 @@ FPE_CPU_CLONES void decode_head(const Plan<T>& c, int64_t task, const T* q, cons
 }
 
 // ---- launchers ----------------------------------------------------------------------------------------------------
-// Geometry, padded positions, block summaries, table rows and the operand buffers (written by the preparation,
-// except dQ's, which is accumulated and starts at zero); `keep` owns the memory.
+// Geometry, padded positions, block summaries, table rows and the operand buffers; `keep` owns the memory.
 template <class T>
 Plan<T> make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_pos,
                   const at::Tensor& k_pos, const EncParams& p, bool causal, double scale, bool backward,
@@ -750,8 +752,8 @@ Plan<T> make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     c.kmax[tile] = std::max(c.kmax[tile], kp[i]);
   }
   auto opts = q.options();
-  auto buf = [&](int64_t n, bool zero = false) {  // the preparation writes every element, padding included
-    keep.push_back(zero ? at::zeros({n}, opts) : at::empty({n}, opts));
+  auto buf = [&](int64_t n) {  // the preparation writes every element, padding included (dQ: its work item)
+    keep.push_back(at::empty({n}, opts));
     return keep.back().data_ptr<T>();
   };
   if (is_rotation(p.kind)) {  // one table row per distinct position when they span a short range (the usual case)
@@ -806,7 +808,7 @@ Plan<T> make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     c.vt = buf(dm.B * dm.Hkv * c.Lkp * c.Dvp);
     c.doe = buf(dm.B * dm.H * c.Lqp * c.Dvp);
     c.delta = buf(dm.B * dm.H * dm.Lq);
-    c.gq = buf(c.nsplit * dm.B * dm.H * c.Lqp * c.Dp, true);  // accumulated
+    c.gq = buf(c.nsplit * dm.B * dm.H * c.Lqp * c.Dp);
     c.gk = buf(dm.B * dm.H * c.Lkp * c.Dp);
   }
   return c;
@@ -867,6 +869,9 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const T *qd = q.data_ptr<T>(), *kd = k.data_ptr<T>(), *vd = v.data_ptr<T>();
   const T *dod = dout.data_ptr<T>(), *od = out.data_ptr<T>();
   const Dims& dm = c.dm;
+  // the last work item of a (batch, head) to finish decodes its gradients (no barrier before the decode)
+  std::unique_ptr<std::atomic<int64_t>[]> left(new std::atomic<int64_t>[dm.B * dm.H]);
+  for (int64_t t = 0; t < dm.B * dm.H; ++t) left[t] = c.nsplit;
 #pragma omp parallel num_threads(nth)
   {
     T* mine = thread_scratch<T>(scratch);
@@ -880,9 +885,11 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < dm.B * dm.Hkv * c.nkt; ++item) prep_v_tile<T>(c, vd, item, mine);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < dm.B * dm.H * c.nsplit; ++item) backward_item<T>(c, item, mine, lse, dvh);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < dm.B * dm.H; ++task) decode_head<T>(c, task, qd, kd, dq, dkh, dA, dB, mine);
+    for (int64_t item = 0; item < dm.B * dm.H * c.nsplit; ++item) {
+      backward_item<T>(c, item, mine, lse, dvh);
+      const int64_t task = item / c.nsplit;
+      if (left[task].fetch_sub(1) == 1) decode_head<T>(c, task, qd, kd, dq, dkh, dA, dB, mine);
+    }
   }
 }
 
