@@ -7,7 +7,7 @@ from fused_posenc.backends import get_backend
 from fused_posenc.encodings.fope import FoPE
 from fused_posenc.encodings import get_encoding
 
-from helpers import check_against_reference, make_qkv
+from helpers import assert_fa_close, check_against_reference, make_qkv
 
 _ok, _why = get_backend("cpu").available()
 pytestmark = pytest.mark.skipif(not _ok, reason=f"C++ extension not built: {_why}")
@@ -152,3 +152,39 @@ def test_key_tile_shares(threads):
         check_against_reference(cpu_fn, q, k, v, "fope", False)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("encoding", ["rope", "alibi", "tapa"])
+def test_shuffled_positions(encoding):
+    # causal with positions that do not ascend within a block or tile (and ascending ones in the other batch):
+    # no shortcut may assume sorted positions
+    g = torch.Generator().manual_seed(2)
+    qp = torch.stack([torch.randperm(150, generator=g), torch.arange(150)])
+    kp = torch.stack([torch.arange(150), torch.randperm(150, generator=g)])
+    q, k, v = make_qkv(2, 150, 150, 2, 1, 32, torch.float32, seed=12)
+    check_against_reference(cpu_fn, q, k, v, encoding, True, q_positions=qp, k_positions=kp)
+
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_row_max_every_lane(causal):
+    # query i's largest score (by far more than exp overflows at) is key i's, so over the rows the row maximum sits
+    # in every lane of a tile: the softmax's row max must see all of them (a missed one overflowed exp: NaN)
+    from fused_posenc import reference_attention
+
+    q, k, v = make_qkv(1, 64, 64, 1, 1, 64, torch.float32, seed=13, requires_grad=False)
+    k = (torch.eye(64) + 0.01 * k[0, :, 0]).reshape(1, 64, 1, 64).requires_grad_()
+    q = (1000 * torch.eye(64) + q[0, :, 0]).reshape(1, 64, 1, 64).requires_grad_()
+    v.requires_grad_()
+    out = cpu_fn(q, k, v, "none", causal=causal)
+    ref = reference_attention(q.double(), k.double(), v.double(), "none", causal=causal)
+    ref_lp = reference_attention(q, k, v, "none", causal=causal)
+    assert_fa_close("out", out.detach(), ref.detach(), ref_lp.detach())
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), do.double())
+    # dk = scale dS^T q: the float32 rounding of dS (~1e-6 here, exact dS = 0) times |q| = 1000
+    for name, g, gr, atol in zip("qkv", grads, grads_ref, (1e-4, 1e-2, 1e-4)):
+        assert torch.isfinite(g).all(), f"d{name}: non-finite values"
+        err = (g.double() - gr).abs().max().item()
+        assert err <= atol, f"d{name}: error {err:.3e} > {atol:.0e}"

@@ -84,17 +84,18 @@ FPE_INLINE void vstore(T* p, const Vec<T, VB>& v) {
 }
 
 // max of a row of BK: vector maxima, then halving (GCC does not reliably vectorize an omp simd max reduction, and
-// a lane-by-lane scalar tail is a long dependency chain)
+// a lane-by-lane scalar tail is a long dependency chain), down to one element (stopping at 16 bytes dropped the odd
+// float lanes: a row whose visible keys all sat in odd lanes got max -inf and counted as seeing nothing)
 template <class T, int N>
-FPE_INLINE T hmax(const T* x) {  // max of the N bytes at x, N >= 16
-  typedef T V __attribute__((vector_size(N / 2)));
-  V lo, hi;
-  std::memcpy(&lo, x, sizeof(V));
-  std::memcpy(&hi, x + N / 2 / sizeof(T), sizeof(V));
-  const V m = lo > hi ? lo : hi;
-  if constexpr (N == 16) {
-    return m[0];
+FPE_INLINE T hmax(const T* x) {  // max of the N bytes at x, N >= 2 elements
+  if constexpr (N == 2 * sizeof(T)) {
+    return x[0] > x[1] ? x[0] : x[1];
   } else {
+    typedef T V __attribute__((vector_size(N / 2)));
+    V lo, hi;
+    std::memcpy(&lo, x, sizeof(V));
+    std::memcpy(&hi, x + N / 2 / sizeof(T), sizeof(V));
+    const V m = lo > hi ? lo : hi;
     return hmax<T, N / 2>(reinterpret_cast<const T*>(&m));
   }
 }
