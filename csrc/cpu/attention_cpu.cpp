@@ -148,27 +148,37 @@ FPE_INLINE void micro(const T* a, int64_t am, int64_t ak, const T* b, int64_t ld
     for (int v = 0; v < NV; ++v) vstore<T, VB>(c + m * ldc + v * W, acc[m][v]);
 }
 
+// The part [lo, hi) of the summed index where a group of MR rows of A can be nonzero (see causal_ranges).
+struct KRange {
+  int lo, hi;
+};
+
 // columns [0, N) in blocks of NV vectors of VB bytes (then one block of the remaining NV' < NV), all rows
 template <class T, int VB, int NV, bool ACC>
 FPE_INLINE void gemm_cols(int64_t M, int64_t N, int64_t K, const T* a, int64_t am, int64_t ak, const T* b,
-                          int64_t ldb, T* c, int64_t ldc) {
+                          int64_t ldb, T* c, int64_t ldc, const KRange* kr) {
   constexpr int64_t W = VB / sizeof(T);
   int64_t n = 0;
   for (; n + NV * W <= N; n += NV * W)
-    for (int64_t m = 0; m < M; m += MR) micro<T, VB, NV, ACC>(a + m * am, am, ak, b + n, ldb, K, c + m * ldc + n, ldc);
+    for (int64_t m = 0; m < M; m += MR) {
+      const int64_t k0 = kr ? kr[m / MR].lo : 0, k1 = kr ? kr[m / MR].hi : K;
+      micro<T, VB, NV, ACC>(a + m * am + k0 * ak, am, ak, b + k0 * ldb + n, ldb, std::max<int64_t>(k1 - k0, 0),
+                            c + m * ldc + n, ldc);
+    }
   if constexpr (NV > 1) {
-    if (n < N) gemm_cols<T, VB, NV - 1, ACC>(M, N - n, K, a, am, ak, b + n, ldb, c + n, ldc);
+    if (n < N) gemm_cols<T, VB, NV - 1, ACC>(M, N - n, K, a, am, ak, b + n, ldb, c + n, ldc, kr);
   }
 }
 
 // C (M x N) (+)= A (M x K) B (K x N): A[m][k] = a[m*am + k*ak], B and C row-major. M is a multiple of MR and N
 // of 64 bytes: every buffer is padded so. Register tiles: 4 x 4 zmm (32 registers), 4 x 2 ymm or xmm (16).
+// kr (optional): per group of MR rows, the only k where A is nonzero.
 template <class T, bool ACC>
 FPE_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t am, int64_t ak, const T* b, int64_t ldb,
-                     T* c, int64_t ldc) {
-  if (kVecBytes == 64) gemm_cols<T, 64, 4, ACC>(M, N, K, a, am, ak, b, ldb, c, ldc);
-  else if (kVecBytes == 32) gemm_cols<T, 32, 2, ACC>(M, N, K, a, am, ak, b, ldb, c, ldc);
-  else gemm_cols<T, 16, 2, ACC>(M, N, K, a, am, ak, b, ldb, c, ldc);
+                     T* c, int64_t ldc, const KRange* kr = nullptr) {
+  if (kVecBytes == 64) gemm_cols<T, 64, 4, ACC>(M, N, K, a, am, ak, b, ldb, c, ldc, kr);
+  else if (kVecBytes == 32) gemm_cols<T, 32, 2, ACC>(M, N, K, a, am, ak, b, ldb, c, ldc, kr);
+  else gemm_cols<T, 16, 2, ACC>(M, N, K, a, am, ak, b, ldb, c, ldc, kr);
 }
 
 // ---- float math that vectorizes (double: libm) -----------------------------------------------------------------
@@ -279,6 +289,7 @@ struct Plan {
   const double* kposd;
   bool qpos_batched, kpos_batched;
   std::vector<int64_t> qmin, qmax, kmin, kmax;  // per (batch, query block) / (batch, key tile): causal tiles
+  std::vector<uint8_t> qasc, kasc;               // whether positions ascend within the block / tile
   // tables: row r is position tpos[r]; qrow / krow give each position's row
   const int64_t *tpos = nullptr, *qrow = nullptr, *krow = nullptr;
   int64_t ntab = 0;
@@ -315,6 +326,30 @@ struct Plan {
     return omega && kcontig[(kpos_batched ? b : 0) * nkt + kt_] ? omega + (kp0 - qp - omega_lo) : nullptr;
   }
 };
+
+// Where P (and dS) can be nonzero on a masked (query block, key tile) pair, per group of MR rows: the keys a group of
+// queries sees, a prefix [0, hi) when the key positions of the tile ascend (else all valid keys), and the queries
+// that see a group of keys, a suffix [lo, nq) when the query positions of the block ascend. The matmuls summing over
+// keys (P V, dS K) or queries (P^T dO, dS^T Q) skip the rest: about half of a diagonal tile.
+template <class T>
+void causal_ranges(const Plan<T>& c, int64_t b, int64_t qb, int64_t kt, const int64_t* qp, int nq, const int64_t* kp,
+                   int nk, KRange* qrows, KRange* krows) {
+  const bool kasc = c.causal && c.kasc[(c.kpos_batched ? b : 0) * c.nkt + kt];
+  const bool qasc = c.causal && c.qasc[(c.qpos_batched ? b : 0) * c.nqb + qb];
+  for (int g = 0; g * MR < nq; ++g) {
+    const int64_t q = *std::max_element(qp + g * MR, qp + std::min(g * MR + MR, nq));
+    qrows[g] = {0, kasc ? static_cast<int>(std::upper_bound(kp, kp + nk, q) - kp) : nk};
+  }
+  const int mq = static_cast<int>(round_up(nq, MR));
+  for (int g = 0; g * MR < BK; ++g) {
+    if (g * MR >= nk) {
+      krows[g] = {mq, mq};  // padding keys
+      continue;
+    }
+    const int64_t k = *std::min_element(kp + g * MR, kp + std::min(g * MR + MR, nk));
+    krows[g] = {qasc ? static_cast<int>(std::lower_bound(qp, qp + nq, k) - qp) : 0, mq};
+  }
+}
 
 // ---- encoding hooks -------------------------------------------------------------------------------------------
 // Tables of one position: rotary cos/sin per pair; FoPE: the Fourier basis, then C_h, S_h for every head.
@@ -577,7 +612,10 @@ FPE_CPU_CLONES void forward_block(const Plan<T>& c, int64_t item, T* scratch, T*
 #pragma omp simd
       for (int64_t e = 0; e < Dvp; ++e) o[e] *= f;
     }
-    gemm<T, true>(Mq, Dvp, BK, S, BK, 1, c.ve + ((b * dm.Hkv + hk) * c.Lkp + kt * BK) * Dvp, Dvp, O, Dvp);
+    KRange qrows[BQ / MR], krows[BK / MR];
+    if (mask) causal_ranges(c, b, qb, kt, qp, nq, kp, nk, qrows, krows);
+    gemm<T, true>(Mq, Dvp, BK, S, BK, 1, c.ve + ((b * dm.Hkv + hk) * c.Lkp + kt * BK) * Dvp, Dvp, O, Dvp,
+                  mask ? qrows : nullptr);
   }
   for (int i = 0; i < nq; ++i) {
     T sum = 0;
@@ -659,12 +697,15 @@ FPE_CPU_CLONES void backward_item(const Plan<T>& c, int64_t item, T* scratch, co
       std::fill(S + nq * BK, S + Mq * BK, T(0));
       std::fill(DP + nq * BK, DP + Mq * BK, T(0));
       std::fill(X + nq * BK, X + Mq * BK, T(0));
-      gemm<T, true>(BK, Dvp, Mq, S, 1, BK, DO, Dvp, dV, Dvp);     // dV += P^T dO
-      gemm<T, true>(BK, Da, Mq, DP, 1, BK, Q, Dp, dK, Dp);        // dK += dS^T Q
-      gemm<T, true>(Mq, Da, BK, DP, BK, 1, KR, Dp, gq + i0 * Dp, Dp);  // dQ += dS K
+      KRange qrows[BQ / MR], krows[BK / MR];
+      if (mask) causal_ranges(c, b, qb, kt, qp, nq, kp, nk, qrows, krows);
+      const KRange *qr = mask ? qrows : nullptr, *kr = mask ? krows : nullptr;
+      gemm<T, true>(BK, Dvp, Mq, S, 1, BK, DO, Dvp, dV, Dvp, kr);          // dV += P^T dO
+      gemm<T, true>(BK, Da, Mq, DP, 1, BK, Q, Dp, dK, Dp, kr);             // dK += dS^T Q
+      gemm<T, true>(Mq, Da, BK, DP, BK, 1, KR, Dp, gq + i0 * Dp, Dp, qr);  // dQ += dS K
       if (c.tapa) {
-        gemm<T, true>(BK, Dp - Da, Mq, X, 1, BK, Q + Da, Dp, dK + Da, Dp);
-        gemm<T, true>(Mq, Dp - Da, BK, X, BK, 1, KR + Da, Dp, gq + i0 * Dp + Da, Dp);
+        gemm<T, true>(BK, Dp - Da, Mq, X, 1, BK, Q + Da, Dp, dK + Da, Dp, kr);
+        gemm<T, true>(Mq, Dp - Da, BK, X, BK, 1, KR + Da, Dp, gq + i0 * Dp + Da, Dp, qr);
       }
     }
     std::copy(dK, dK + BK * Dp, c.gk + ((b * dm.H + h) * c.Lkp + kt * BK) * Dp);
@@ -742,15 +783,19 @@ Plan<T> make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   c.qmax.assign(Bq * c.nqb, std::numeric_limits<int64_t>::min());
   c.kmin.assign(Bk * c.nkt, std::numeric_limits<int64_t>::max());
   c.kmax.assign(Bk * c.nkt, std::numeric_limits<int64_t>::min());
+  c.qasc.assign(Bq * c.nqb, 1);
+  c.kasc.assign(Bk * c.nkt, 1);
   for (int64_t i = 0; i < Bq * dm.Lq; ++i) {
     const int64_t blk = i / dm.Lq * c.nqb + i % dm.Lq / BQ;
     c.qmin[blk] = std::min(c.qmin[blk], qp[i]);
     c.qmax[blk] = std::max(c.qmax[blk], qp[i]);
+    if (i % dm.Lq % BQ != 0 && qp[i] < qp[i - 1]) c.qasc[blk] = 0;
   }
   for (int64_t i = 0; i < Bk * dm.Lk; ++i) {
     const int64_t tile = i / dm.Lk * c.nkt + i % dm.Lk / BK;
     c.kmin[tile] = std::min(c.kmin[tile], kp[i]);
     c.kmax[tile] = std::max(c.kmax[tile], kp[i]);
+    if (i % dm.Lk % BK != 0 && kp[i] < kp[i - 1]) c.kasc[tile] = 0;
   }
   auto opts = q.options();
   auto buf = [&](int64_t n) {  // the preparation writes every element, padding included (dQ: its work item)
