@@ -1,108 +1,205 @@
 // CPU forward/backward: tiled online-softmax attention with the encodings fused in.
-// One task per (batch, query head), OpenMP across tasks; per task only O(seqlen) buffers
-// (the rotated q/k rows, a transposed copy for the score tile, gradient rows), never Lq x Lk.
+//
+// Per call: (1) rotation tables, once per distinct position (FoPE: per coefficient head too); (2) q, k, v (and
+// dO) encoded, zero-padded to whole 64-byte vectors and laid out for the matmuls, in buffers the size of the
+// inputs; (3) the attention: forward work items are (batch, head, query block), backward ones (batch, head,
+// share of the key tiles); an item holds BQ x BK tiles of scores, never Lq x Lk; (4) backward: the gradients
+// w.r.t. the encoded rows go back through the rotations. Every matmul is one register-blocked micro-kernel.
 // Compute type T: float for fp16/bf16/fp32 inputs, double for fp64.
 #include <ATen/Parallel.h>
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "../native.h"
 
+// The vector helpers return vectors by value; they are always inlined, so no ABI is involved.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace fused_posenc {
 namespace {
 
-// The per-task functions are also compiled for the x86-64-v4 (AVX-512) and x86-64-v3 (AVX2 + FMA) ISA
-// levels; the loader picks one by CPU features (GCC ifunc). Define FUSED_POSENC_NO_CLONES to disable it.
+// The per-item functions are also compiled for the x86-64-v4 (AVX-512) and x86-64-v3 (AVX2 + FMA) ISA levels;
+// the loader picks one by CPU features (GCC ifunc). What they call in their loops is FPE_INLINE: GCC does not
+// inline a plain function into a clone of another ISA, and the call would run at baseline (SSE2) speed.
+// Define FUSED_POSENC_NO_CLONES to disable the clones.
+// kVecBytes: the register width of the clone that runs (checked by the features of x86-64-v4 / v3). The explicit
+// vector code (matmul, row reductions) uses vectors of that width: GCC lowers wider ones through the stack.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FUSED_POSENC_NO_CLONES)
 #define FPE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+const int kVecBytes = [] {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512cd") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    return 64;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
+      __builtin_cpu_supports("bmi2"))
+    return 32;
+  return 16;
+}();
 #else
 #define FPE_CPU_CLONES
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX2__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
 #endif
+#endif
+#define FPE_INLINE inline __attribute__((always_inline))
 
-constexpr int BQ = 16;   // query rows per block
-constexpr int BK = 64;   // keys per tile
+constexpr int BQ = 64;  // query rows per block
+constexpr int BK = 64;  // keys per tile
+constexpr int MR = 4;   // rows of the micro-kernel's register tile
 
-struct Dims {
-  int64_t B, Lq, Lk, H, Hkv, D, Dv, G;
-  int64_t qpos_bs, kpos_bs;  // batch strides of the position tensors (0 when shared)
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---- vectors of VB bytes (GCC vector extensions) ----------------------------------------------------------------
+template <class T, int VB>
+struct VecOf {
+  typedef T type __attribute__((vector_size(VB)));
+};
+template <class T, int VB>
+using Vec = typename VecOf<T, VB>::type;
+template <class T>
+constexpr int64_t kW = 64 / sizeof(T);  // rows are padded to whole 64-byte vectors (any VB divides them)
+
+template <class T, int VB>
+FPE_INLINE Vec<T, VB> vload(const T* p) {
+  Vec<T, VB> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <class T, int VB>
+FPE_INLINE void vstore(T* p, const Vec<T, VB>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// max of a row of BK: vector maxima, then halving (GCC does not reliably vectorize an omp simd max reduction, and
+// a lane-by-lane scalar tail is a long dependency chain), down to one element (stopping at 16 bytes dropped the odd
+// float lanes: a row whose visible keys all sat in odd lanes got max -inf and counted as seeing nothing)
+template <class T, int N>
+FPE_INLINE T hmax(const T* x) {  // max of the N bytes at x, N >= 2 elements
+  if constexpr (N == 2 * sizeof(T)) {
+    return x[0] > x[1] ? x[0] : x[1];
+  } else {
+    typedef T V __attribute__((vector_size(N / 2)));
+    V lo, hi;
+    std::memcpy(&lo, x, sizeof(V));
+    std::memcpy(&hi, x + N / 2 / sizeof(T), sizeof(V));
+    const V m = lo > hi ? lo : hi;
+    return hmax<T, N / 2>(reinterpret_cast<const T*>(&m));
+  }
+}
+template <class T, int VB>
+FPE_INLINE T row_max(const T* s) {
+  Vec<T, VB> m = vload<T, VB>(s);
+  for (int64_t v = VB / sizeof(T); v < BK; v += VB / sizeof(T)) {
+    const Vec<T, VB> x = vload<T, VB>(s + v);
+    m = x > m ? x : m;
+  }
+  return hmax<T, VB>(reinterpret_cast<const T*>(&m));
+}
+template <class T>
+FPE_INLINE T row_max(const T* s) {
+  return kVecBytes == 64 ? row_max<T, 64>(s) : kVecBytes == 32 ? row_max<T, 32>(s) : row_max<T, 16>(s);
+}
+
+// l (64 bytes of per-lane partial sums) = l * f + the BK values of s, lane-wise: one horizontal sum per row, at the end
+template <class T, int VB>
+FPE_INLINE void lane_sums(T* l, T f, const T* s) {
+  for (int64_t u = 0; u < kW<T>; u += VB / sizeof(T)) {
+    Vec<T, VB> acc = vload<T, VB>(l + u) * f;
+    for (int64_t v = u; v < BK; v += kW<T>) acc += vload<T, VB>(s + v);
+    vstore<T, VB>(l + u, acc);
+  }
+}
+template <class T>
+FPE_INLINE void lane_sums(T* l, T f, const T* s) {
+  kVecBytes == 64 ? lane_sums<T, 64>(l, f, s) : kVecBytes == 32 ? lane_sums<T, 32>(l, f, s) : lane_sums<T, 16>(l, f, s);
+}
+
+// ---- matmul ------------------------------------------------------------------------------------------------
+// C[m][:] (+)= sum_k a[m*am + k*ak] * B[k][:] for MR rows and NV vectors of columns. The MR x NV accumulators
+// stay in registers, a row of B is NV contiguous vectors, a is broadcast (any strides: a transposed A is free).
+template <class T, int VB, int NV, bool ACC>
+FPE_INLINE void micro(const T* a, int64_t am, int64_t ak, const T* b, int64_t ldb, int64_t K, T* c, int64_t ldc) {
+  constexpr int64_t W = VB / sizeof(T);
+  Vec<T, VB> acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = ACC ? vload<T, VB>(c + m * ldc + v * W) : Vec<T, VB>{};
+  for (int64_t k = 0; k < K; ++k) {
+    Vec<T, VB> bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = vload<T, VB>(b + k * ldb + v * W);
+    for (int m = 0; m < MR; ++m) {
+      const T x = a[m * am + k * ak];
+      for (int v = 0; v < NV; ++v) acc[m][v] += x * bv[v];
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) vstore<T, VB>(c + m * ldc + v * W, acc[m][v]);
+}
+
+// The part [lo, hi) of the summed index where a group of MR rows of A can be nonzero (see causal_ranges).
+struct KRange {
+  int lo, hi;
 };
 
-// Table values (c, s) for every pair of one row; ck/sk: scratch (Dk) for FoPE's Fourier basis.
-template <typename T>
-void row_tables(const EncParams& p, int64_t pos, int64_t h, T* c, T* s, T* ck, T* sk) {
-  if (p.kind == ENC_ROTARY) {
-    if (sizeof(T) == 8 && p.pair_freqs_f64 != nullptr)
-      for (int j = 0; j < p.npairs; ++j) rotary_cos_sin<T, double>(pos, p.pair_freqs_f64[j], p.pair_scale_f64[j], c[j], s[j]);
-    else
-      for (int j = 0; j < p.npairs; ++j) rotary_cos_sin<T, float>(pos, p.pair_freqs[j], p.pair_scale[j], c[j], s[j]);
-    return;
-  }
-  const float* a = p.fope_cos_coef + h * p.fope_dk * p.npairs;
-  const float* bb = p.fope_sin_coef + h * p.fope_dk * p.npairs;
-  fope_basis<T>(pos, p.fope_dk, p.fope_freqs, ck, sk);
-  for (int j = 0; j < p.npairs; ++j) fope_cos_sin_basis<T>(j, p.fope_dk, p.npairs, ck, sk, a, bb, p.fope_pad, c[j], s[j]);
-}
-
-// Encoded (rotated) rows of x (B, L, Hx, D) for batch b, head hx, with the tables of query head h.
-template <typename T>
-void encode_rows(const EncParams& p, const T* x, int64_t L, int64_t Hx, int64_t D, int64_t b, int64_t hx, int64_t h,
-                 const int64_t* pos, T* y) {
-  std::vector<T> c(p.npairs + 1), s(p.npairs + 1), ck(p.fope_dk + 1), sk(p.fope_dk + 1);
-  for (int64_t t = 0; t < L; ++t) {
-    const T* row = x + ((b * L + t) * Hx + hx) * D;
-    T* yr = y + t * D;
-    for (int64_t d = 0; d < D; ++d) yr[d] = row[d];
-    if (!is_rotation(p.kind)) continue;
-    row_tables<T>(p, pos[t], h, c.data(), s.data(), ck.data(), sk.data());
-    for (int j = 0; j < p.npairs; ++j) {
-      const int64_t i1 = p.idx1[j], i2 = p.idx2[j];
-      rotate_pair<T>(row[i1], row[i2], c[j], s[j], yr[i1], yr[i2]);
+// columns [0, N) in blocks of NV vectors of VB bytes (then one block of the remaining NV' < NV), all rows
+template <class T, int VB, int NV, bool ACC>
+FPE_INLINE void gemm_cols(int64_t M, int64_t N, int64_t K, const T* a, int64_t am, int64_t ak, const T* b,
+                          int64_t ldb, T* c, int64_t ldc, const KRange* kr) {
+  constexpr int64_t W = VB / sizeof(T);
+  int64_t n = 0;
+  for (; n + NV * W <= N; n += NV * W)
+    for (int64_t m = 0; m < M; m += MR) {
+      const int64_t k0 = kr ? kr[m / MR].lo : 0, k1 = kr ? kr[m / MR].hi : K;
+      micro<T, VB, NV, ACC>(a + m * am + k0 * ak, am, ak, b + k0 * ldb + n, ldb, std::max<int64_t>(k1 - k0, 0),
+                            c + m * ldc + n, ldc);
     }
+  if constexpr (NV > 1) {
+    if (n < N) gemm_cols<T, VB, NV - 1, ACC>(M, N - n, K, a, am, ak, b + n, ldb, c + n, ldc, kr);
   }
 }
 
-// C[i][j] = sum_k A[i*lda + k] * BT[k*ldb + j] for i < nrows, j < BK (BT padded to BK columns).
-// Four rows at a time share each load of BT.
-template <typename T>
-inline void gemm_rows(const T* A, int64_t lda, int nrows, const T* BT, int64_t ldb, int64_t K, T (*C)[BK]) {
-  int i = 0;
-  for (; i + 4 <= nrows; i += 4) {
-    T c0[BK] = {}, c1[BK] = {}, c2[BK] = {}, c3[BK] = {};
-    const T *a0 = A + i * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
-    for (int64_t kk = 0; kk < K; ++kk) {
-      const T* b = BT + kk * ldb;
-      const T x0 = a0[kk], x1 = a1[kk], x2 = a2[kk], x3 = a3[kk];
-#pragma omp simd
-      for (int j = 0; j < BK; ++j) {
-        const T bj = b[j];
-        c0[j] += x0 * bj; c1[j] += x1 * bj; c2[j] += x2 * bj; c3[j] += x3 * bj;
-      }
-    }
-    for (int j = 0; j < BK; ++j) { C[i][j] = c0[j]; C[i + 1][j] = c1[j]; C[i + 2][j] = c2[j]; C[i + 3][j] = c3[j]; }
-  }
-  for (; i < nrows; ++i) {
-    T c0[BK] = {};
-    const T* a0 = A + i * lda;
-    for (int64_t kk = 0; kk < K; ++kk) {
-      const T* b = BT + kk * ldb;
-      const T x0 = a0[kk];
-#pragma omp simd
-      for (int j = 0; j < BK; ++j) c0[j] += x0 * b[j];
-    }
-    for (int j = 0; j < BK; ++j) C[i][j] = c0[j];
-  }
+// C (M x N) (+)= A (M x K) B (K x N): A[m][k] = a[m*am + k*ak], B and C row-major. M is a multiple of MR and N
+// of 64 bytes: every buffer is padded so. Register tiles: 4 x 4 zmm (32 registers), 4 x 2 ymm or xmm (16).
+// kr (optional): per group of MR rows, the only k where A is nonzero.
+template <class T, bool ACC>
+FPE_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t am, int64_t ak, const T* b, int64_t ldb,
+                     T* c, int64_t ldc, const KRange* kr = nullptr) {
+  if (kVecBytes == 64) gemm_cols<T, 64, 4, ACC>(M, N, K, a, am, ak, b, ldb, c, ldc, kr);
+  else if (kVecBytes == 32) gemm_cols<T, 32, 2, ACC>(M, N, K, a, am, ak, b, ldb, c, ldc, kr);
+  else gemm_cols<T, 16, 2, ACC>(M, N, K, a, am, ak, b, ldb, c, ldc, kr);
 }
 
-// exp that vectorizes: float via 2^n * p(f) (Cephes exp2f polynomial, ~2 ulp), 0 below -87; double: std::exp.
-inline float vexp(float x) {
-  const float t = x * 1.44269504088896341f;
-  const float n = std::floor(t + 0.5f);
-  const float f = t - n;
+// ---- float math that vectorizes (double: libm) -----------------------------------------------------------------
+// No float op may end up under a condition: GCC keeps a float op that could trap out of if-conversion and then
+// does not vectorize the loop for AVX2 (AVX-512 has masked ops). Hence integer conditions and bitwise selects.
+
+// c ? a : b through the bits: GCC turns a select into a branch and moves float ops into it
+template <class T>
+FPE_INLINE T pick(bool c, T a, T b) {
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  const I m = -static_cast<I>(c);
+  return __builtin_bit_cast(T, (__builtin_bit_cast(I, a) & m) | (__builtin_bit_cast(I, b) & ~m));
+}
+// 2^n for integral n (|n| < 2^31): 0 below -126, inf above 127; clamped as an integer.
+FPE_INLINE float exp2i(float n) {
+  const int32_t i = std::min(std::max(static_cast<int32_t>(n), -127), 128);
+  return __builtin_bit_cast(float, (i + 127) << 23);
+}
+// 2^t = 2^n * p(t - n), Cephes exp2f polynomial (~2 ulp)
+FPE_INLINE float vexp2(float t) {
+  const float n = std::nearbyint(t), f = t - n;
   float p = 1.535336188319500e-4f;
   p = p * f + 1.339887440266574e-3f;
   p = p * f + 9.618437357674640e-3f;
@@ -110,335 +207,736 @@ inline float vexp(float x) {
   p = p * f + 2.402264791363012e-1f;
   p = p * f + 6.931472028550421e-1f;
   p = p * f + 1.0f;
-  const int32_t e = (static_cast<int32_t>(x < -87.f ? 0.f : n) + 127) << 23;
-  float sc;
-  std::memcpy(&sc, &e, sizeof(sc));
-  return x < -87.f ? 0.f : p * sc;
+  return p * exp2i(n);
 }
-inline double vexp(double x) { return std::exp(x); }
+FPE_INLINE float vexp(float x) { return pick(!(x < -87.f), vexp2(x * 1.44269504088896341f), 0.f); }  // 0 for -inf
+FPE_INLINE double vexp(double x) { return std::exp(x); }
 
-inline int64_t padded(int64_t L) { return (L + BK - 1) / BK * BK; }
+// x^a for x >= 1: 2^(a log2 x) with x = 2^e m, m in [sqrt(1/2), sqrt(2)). a = hi + lo where hi has 12 low
+// mantissa bits cleared, so hi * e is exact (|e| < 2^11) and the error stays ~2 ulp for any a and x, rather
+// than growing with a log2 x.
+struct PowExp {
+  float a, hi, lo;
+  explicit PowExp(float a_) : a(a_) {
+    hi = __builtin_bit_cast(float, __builtin_bit_cast(int32_t, a_) & ~0xfff);
+    lo = a_ - hi;
+  }
+};
+FPE_INLINE float vpow(float x, float a, float ahi, float alo) {
+  const int32_t i = __builtin_bit_cast(int32_t, x);
+  const int32_t mi = (i & 0x7fffff) | 0x3f800000, big = mi > 0x3fb504f3;  // mantissa > sqrt(2): halve it
+  const float m = __builtin_bit_cast(float, mi - (big << 23));
+  const float e = static_cast<float>((i >> 23) - 127 + big);
+  const float f = m - 1.f, z = f * f;  // log(1 + f): Cephes logf polynomial
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z - 0.5f * z;
+  const float L = 0.44269504088896340736f;  // log2(e) - 1: f * log2(e) = f + f * L keeps f's bits
+  const float log2m = ((y * L + f * L) + y) + f;
+  const float te = ahi * e, n = std::nearbyint(te);
+  return vexp2((te - n) + (alo * e + a * log2m)) * exp2i(n);
+}
+FPE_INLINE double vpow(double x, double a, double, double) { return std::pow(x, a); }
 
-// Score tile: s[i][j] (and the TAPA phase dot in s2) for query rows [i0, i0+nq) and keys [j0, j0+nk).
-template <typename T>
-inline void score_tile(const EncParams& p, const Dims& dm, const T* qr, const T* krT, const int64_t* qpos,
-                       const int64_t* kpos, int64_t slope_idx, int i0, int nq, int j0, int nk, bool causal, T scale,
-                       T (*s)[BK], T (*amp)[BK], T (*dot)[BK]) {
-  const int64_t D = dm.D, Lkp = padded(dm.Lk);
-  const bool tapa = p.kind == ENC_TAPA;
-  const int64_t da = tapa ? p.tapa_split : D;
-  gemm_rows<T>(qr + (int64_t)i0 * D, D, nq, krT + j0, Lkp, da, s);
-  if (tapa) gemm_rows<T>(qr + (int64_t)i0 * D + da, D, nq, krT + da * Lkp + j0, Lkp, D - da, dot);
+// sin and cos: x - j pi/2 in double (j = nearest quarter turn; accurate while |x| < ~1e15, far beyond what a float
+// phase can mean), Cephes polynomials on [-pi/4, pi/4] in float; ~1e-7 absolute.
+FPE_INLINE void vsincos(float x, float& s, float& c) {
+  const double xd = x, j = std::nearbyint(xd * 0.63661977236758134308);
+  const float r = static_cast<float>(xd - j * 1.57079632679489661923), z = r * r;
+  const float sr = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
+  const float cr = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
+                   0.5f * z + 1.f;
+  // quadrant j mod 4 (exact in double, then small enough for int32): swap, then signs as bits
+  const uint32_t q = static_cast<uint32_t>(static_cast<int32_t>(j - 4. * std::nearbyint(0.25 * j)));
+  const float ss = pick(q & 1, cr, sr), cc = pick(q & 1, sr, cr);
+  s = __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, ss) ^ ((q & 2) << 30));
+  c = __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, cc) ^ (((q + 1) & 2) << 30));
+}
+FPE_INLINE void vsincos(double x, double& s, double& c) {
+  s = std::sin(x);
+  c = std::cos(x);
+}
+
+// ---- the plan of one call -------------------------------------------------------------------------------------
+struct Dims {
+  int64_t B, Lq, Lk, H, Hkv, D, Dv, G;
+};
+
+// Geometry, positions and the prepared operands: everything the work items read, built once per call.
+template <class T>
+struct Plan {
+  Dims dm;
+  EncParams p;
+  bool causal = false;
+  T scale = 1;
+  bool tapa = false;
+  // columns of an encoded row: input dims [0, split) at [0, split), [split, D) at [Da, Da + D - split) (TAPA
+  // keeps its amplitude and phase parts in whole vectors); Dp columns in all. Without TAPA split = D, Da = Dp.
+  int64_t split, Da, Dp, Dvp;
+  int64_t Lqp, Lkp, nqb, nkt;  // lengths padded to whole blocks / tiles; query blocks, key tiles
+  int64_t Hke, Ht;             // heads of the encoded k (FoPE: one per query head); heads of the tables
+  int64_t nsplit = 1;          // backward: a head's key tiles are shared among this many work items
+  const int64_t *qpos, *kpos;  // (Bq, Lqp), (Bk, Lkp), zero-padded
+  // the key positions as doubles, for distances: AVX2 has no int64 -> float conversion. Exact below 2^52; beyond,
+  // |m - n| may differ from the integer one by a relative 1e-16 before it is rounded to T.
+  const double* kposd;
+  bool qpos_batched, kpos_batched;
+  std::vector<int64_t> qmin, qmax, kmin, kmax;  // per (batch, query block) / (batch, key tile): causal tiles
+  std::vector<uint8_t> qasc, kasc;               // whether positions ascend within the block / tile
+  // tables: row r is position tpos[r]; qrow / krow give each position's row
+  const int64_t *tpos = nullptr, *qrow = nullptr, *krow = nullptr;
+  int64_t ntab = 0;
+  // TAPA: Omega by key - query position, omega[n - m - omega_lo], when these span a short range; kcontig: whether
+  // the key positions of a (batch, key tile) are consecutive, so that a query row reads Omega as one contiguous run
+  T* omega = nullptr;
+  int64_t omega_lo = 0, nomega = 0;
+  std::vector<uint8_t> kcontig;
+  T *tc = nullptr, *ts = nullptr;  // (ntab, Ht, P) cos / sin tables
+  T *bc = nullptr, *bs = nullptr;  // (ntab, Dk) FoPE Fourier basis cos(omega_k t), sin(omega_k t)
+  T* qe = nullptr;                 // (B, H, Lqp, Dp) encoded q
+  T* kt = nullptr;                 // (B, Hke, nkt, Dp, BK) encoded k, transposed per tile
+  T* ke = nullptr;                 // (B, Hke, Lkp, Dp) encoded k (backward)
+  T* ve = nullptr;                 // (B, Hkv, Lkp, Dvp) v (forward)
+  T* vt = nullptr;                 // (B, Hkv, nkt, Dvp, BK) v transposed per tile (backward)
+  T* doe = nullptr;                // (B, H, Lqp, Dvp) dO (backward)
+  T* delta = nullptr;              // (B, H, Lq) rowsum(dO * O) (backward)
+  T* gq = nullptr;                 // (nsplit, B, H, Lqp, Dp) gradient w.r.t. encoded q, one per key-tile share
+  T* gk = nullptr;                 // (B, H, Lkp, Dp) gradient w.r.t. encoded k, per query head
+
+  bool visible(int64_t b, int64_t qb, int64_t kt_) const {
+    return !causal || kmin[(kpos_batched ? b : 0) * nkt + kt_] <= qmax[(qpos_batched ? b : 0) * nqb + qb];
+  }
+  // whether some key of the tile is padding or (causal) after some query of the block
+  bool masked(int64_t b, int64_t qb, int64_t kt_) const {
+    return (kt_ + 1) * BK > dm.Lk ||
+           (causal && kmax[(kpos_batched ? b : 0) * nkt + kt_] > qmin[(qpos_batched ? b : 0) * nqb + qb]);
+  }
+  int64_t table_head(int64_t h) const { return Ht > 1 ? h : 0; }
+  // the factor the softmax applies to the scores: the scale itself unless score_row already applied it
+  T exp_scale() const { return tapa || p.kind == ENC_ALIBI ? T(1) : scale; }
+  // TAPA: the run of Omega for query position qp and the keys of a tile starting at kp0, or null
+  const T* omega_run(int64_t b, int64_t kt_, int64_t qp, int64_t kp0) const {
+    return omega && kcontig[(kpos_batched ? b : 0) * nkt + kt_] ? omega + (kp0 - qp - omega_lo) : nullptr;
+  }
+};
+
+// Where P (and dS) can be nonzero on a masked (query block, key tile) pair, per group of MR rows: the keys a group of
+// queries sees, a prefix [0, hi) when the key positions of the tile ascend (else all valid keys), and the queries
+// that see a group of keys, a suffix [lo, nq) when the query positions of the block ascend. The matmuls summing over
+// keys (P V, dS K) or queries (P^T dO, dS^T Q) skip the rest: about half of a diagonal tile.
+template <class T>
+void causal_ranges(const Plan<T>& c, int64_t b, int64_t qb, int64_t kt, const int64_t* qp, int nq, const int64_t* kp,
+                   int nk, KRange* qrows, KRange* krows) {
+  const bool kasc = c.causal && c.kasc[(c.kpos_batched ? b : 0) * c.nkt + kt];
+  const bool qasc = c.causal && c.qasc[(c.qpos_batched ? b : 0) * c.nqb + qb];
+  for (int g = 0; g * MR < nq; ++g) {
+    const int64_t q = *std::max_element(qp + g * MR, qp + std::min(g * MR + MR, nq));
+    qrows[g] = {0, kasc ? static_cast<int>(std::upper_bound(kp, kp + nk, q) - kp) : nk};
+  }
+  const int mq = static_cast<int>(round_up(nq, MR));
+  for (int g = 0; g * MR < BK; ++g) {
+    if (g * MR >= nk) {
+      krows[g] = {mq, mq};  // padding keys
+      continue;
+    }
+    const int64_t k = *std::min_element(kp + g * MR, kp + std::min(g * MR + MR, nk));
+    krows[g] = {qasc ? static_cast<int>(std::lower_bound(qp, qp + nq, k) - qp) : 0, mq};
+  }
+}
+
+// ---- encoding hooks -------------------------------------------------------------------------------------------
+// Tables of one position: rotary cos/sin per pair; FoPE: the Fourier basis, then C_h, S_h for every head.
+template <class T>
+FPE_CPU_CLONES void table_row(const Plan<T>& c, int64_t r) {
+  const EncParams& p = c.p;
+  const int64_t pos = c.tpos[r], P = p.npairs;
+  if (p.kind == ENC_ROTARY) {
+    T *tc = c.tc + r * P, *ts = c.ts + r * P;
+    if (sizeof(T) == 8 && p.pair_freqs_f64 != nullptr)
+      for (int64_t j = 0; j < P; ++j) rotary_cos_sin<T, double>(pos, p.pair_freqs_f64[j], p.pair_scale_f64[j], tc[j], ts[j]);
+    else
+      for (int64_t j = 0; j < P; ++j) rotary_cos_sin<T, float>(pos, p.pair_freqs[j], p.pair_scale[j], tc[j], ts[j]);
+    return;
+  }
+  const int64_t dk = p.fope_dk;
+  const T *ck = c.bc + r * dk, *sk = c.bs + r * dk;
+  fope_basis<T>(pos, (int)dk, p.fope_freqs, c.bc + r * dk, c.bs + r * dk);
+  for (int64_t h = 0; h < c.Ht; ++h) {  // fope_cos_sin_basis for all pairs at once (the same sums, pairs innermost)
+    T *tc = c.tc + (r * c.Ht + h) * P, *ts = c.ts + (r * c.Ht + h) * P;
+    const float *a = p.fope_cos_coef + h * dk * P, *b = p.fope_sin_coef + h * dk * P;
+    std::fill(tc, tc + P, T(0));
+    std::fill(ts, ts + P, T(0));
+    for (int64_t k = 0; k < dk; ++k) {
+      const T x = ck[k], y = sk[k];
+#pragma omp simd
+      for (int64_t j = 0; j < P; ++j) {
+        tc[j] += static_cast<T>(a[k * P + j]) * x;
+        ts[j] += static_cast<T>(b[k * P + j]) * y;
+      }
+    }
+    for (int64_t j = 0; j < P; ++j)
+      if (p.fope_pad[j] != 0.f) tc[j] = ts[j] = T(1);
+  }
+}
+
+// The encoded row y (Dp columns, zero-padded) of the input row x at table row r of table head ht.
+template <class T>
+FPE_INLINE void encode_row(const Plan<T>& c, const T* x, int64_t r, int64_t ht, T* y) {
+  const int64_t D = c.dm.D, split = c.split, Da = c.Da;
+  std::copy(x, x + split, y);
+  std::fill(y + split, y + Da, T(0));
+  std::copy(x + split, x + D, y + Da);
+  std::fill(y + Da + D - split, y + c.Dp, T(0));
+  if (!is_rotation(c.p.kind)) return;
+  const int64_t P = c.p.npairs;
+  const T *tc = c.tc + (r * c.Ht + ht) * P, *ts = c.ts + (r * c.Ht + ht) * P;
+  for (int64_t j = 0; j < P; ++j) {
+    const int64_t i1 = c.p.idx1[j], i2 = c.p.idx2[j];
+    rotate_pair<T>(x[i1], x[i2], tc[j], ts[j], y[i1], y[i2]);
+  }
+}
+
+// The gradient row g w.r.t. an encoded row back to the input row (out, D values): the transposed rotation. FoPE
+// with dA: the coefficient gradients of this row, given the input row x (dc, ds: scratch of P).
+template <class T>
+FPE_INLINE void decode_row(const Plan<T>& c, const T* g, const T* x, int64_t r, int64_t ht, T* out, T* dA, T* dB,
+                           T* dc, T* ds) {
+  const EncParams& p = c.p;
+  std::copy(g, g + c.split, out);
+  std::copy(g + c.Da, g + c.Da + c.dm.D - c.split, out + c.split);
+  if (!is_rotation(p.kind)) return;
+  const int64_t P = p.npairs;
+  const T *tc = c.tc + (r * c.Ht + ht) * P, *ts = c.ts + (r * c.Ht + ht) * P;
+  for (int64_t j = 0; j < P; ++j) {
+    const int64_t i1 = p.idx1[j], i2 = p.idx2[j];
+    rotate_pair_t<T>(g[i1], g[i2], tc[j], ts[j], out[i1], out[i2]);
+  }
+  if (dA == nullptr) return;
+  for (int64_t j = 0; j < P; ++j) {
+    const int64_t i1 = p.idx1[j], i2 = p.idx2[j];
+    rotate_pair_dtables<T>(x[i1], x[i2], g[i1], g[i2], dc[j], ds[j]);
+    if (p.fope_pad[j] != 0.f) dc[j] = ds[j] = T(0);  // padded pairs have constant tables
+  }
+  const int64_t dk = p.fope_dk;
+  const T *ck = c.bc + r * dk, *sk = c.bs + r * dk;
+  for (int64_t k = 0; k < dk; ++k) {
+#pragma omp simd
+    for (int64_t j = 0; j < P; ++j) {
+      dA[k * P + j] += ck[k] * dc[j];
+      dB[k * P + j] += sk[k] * ds[j];
+    }
+  }
+}
+
+// TAPA's score for key j given Omega (om); see score_row
+template <class T, bool GRAD>
+FPE_INLINE void tapa_score(T om, T sc, T* s, T* x, T* y, int j) {
+  T sn, cs;
+  vsincos(om * x[j], sn, cs);
+  const T amp = s[j] * sc;
+  s[j] = amp * cs;
+  if (GRAD) {
+    x[j] = sc * cs;
+    y[j] = -amp * sn * om;
+  }
+}
+
+// Scores of one query row of a tile. s holds q.k over the input dims [0, split) on entry, the score on exit (still
+// unscaled when the encoding adds nothing to it: Plan::exp_scale); with `mask`, keys j >= nk and (if causal) keys
+// after the query get -inf. TAPA: x holds the phase dot q_P.k_P on entry; with GRAD, x and y return the factors of
+// dS in the gradients of q_A.k_A (scale cos psi) and of q_P.k_P (-amp sin psi Omega); om is Omega of the row's
+// keys from the per-call table (Plan::omega_run), or null to compute it. No float op sits under a condition (GCC
+// would not vectorize the loop for AVX2).
+template <class T, bool GRAD>
+FPE_INLINE void score_row(const Plan<T>& c, int64_t qp, const int64_t* kp, const double* kpd, const T* om, int nk,
+                          bool mask, T slope, T* s, T* x, T* y) {
+  const T sc = c.scale;
+  const double qpd = static_cast<double>(qp);
+  if (c.tapa && om != nullptr) {
+#pragma omp simd
+    for (int j = 0; j < BK; ++j) tapa_score<T, GRAD>(om[j], sc, s, x, y, j);
+  } else if (c.tapa) {
+    const T ps = static_cast<T>(c.p.tapa_phase_scale), al = static_cast<T>(c.p.tapa_alpha);
+    const PowExp pe(static_cast<float>(c.p.tapa_alpha));
+    const T ahi = pe.hi, alo = pe.lo;
+#pragma omp simd
+    for (int j = 0; j < BK; ++j) {
+      const double d = std::fabs(qpd - kpd[j]);
+      tapa_score<T, GRAD>(pick(d != 0., ps * vpow(static_cast<T>(d), al, ahi, alo), T(0)), sc, s, x, y, j);
+    }
+  } else if (c.p.kind == ENC_ALIBI) {
+#pragma omp simd
+    for (int j = 0; j < BK; ++j) s[j] = s[j] * sc - slope * static_cast<T>(std::fabs(qpd - kpd[j]));
+  }  // else the scale stays in the softmax: exp(scale * s - m), see Plan::exp_scale
+  if (!mask) return;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const bool causal = c.causal;
+#pragma omp simd
+  for (int j = 0; j < BK; ++j) s[j] = ((j < nk) & (!causal | (kp[j] <= qp))) ? s[j] : ninf;
+}
+
+// ---- preparation of the operands ---------------------------------------------------------------------------------
+// One query block of one head: encoded q rows, zero rows past Lq.
+template <class T>
+FPE_CPU_CLONES void prep_q_block(const Plan<T>& c, const T* q, int64_t item) {
+  const Dims& dm = c.dm;
+  const int64_t h = item % dm.H, qb = item / dm.H % c.nqb, b = item / dm.H / c.nqb, Dp = c.Dp;
+  T* rows = c.qe + ((b * dm.H + h) * c.Lqp + qb * BQ) * Dp;
+  for (int64_t i = 0; i < BQ; ++i) {
+    const int64_t t = qb * BQ + i;
+    if (t >= dm.Lq) {
+      std::fill(rows + i * Dp, rows + BQ * Dp, T(0));
+      break;
+    }
+    const int64_t r = c.qrow ? c.qrow[(c.qpos_batched ? b : 0) * dm.Lq + t] : 0;
+    encode_row<T>(c, q + ((b * dm.Lq + t) * dm.H + h) * dm.D, r, c.table_head(h), rows + i * Dp);
+  }
+}
+
+// rows (BK x n, leading dimension ld) -> panel (n x BK); contiguous stores (strided ones were slower)
+template <class T>
+FPE_INLINE void transpose_tile(const T* rows, int64_t ld, int64_t n, T* panel) {
+  for (int64_t d = 0; d < n; ++d)
+    for (int64_t j = 0; j < BK; ++j) panel[d * BK + j] = rows[j * ld + d];
+}
+
+// One key tile of one head of the encoded k: transposed (the panel), for the backward also as rows. A tile at a time
+// keeps its panel in L1 (a row at a time would scatter into every head's panel).
+template <class T>
+FPE_CPU_CLONES void prep_k_tile(const Plan<T>& c, const T* k, int64_t item, T* tmp) {
+  const Dims& dm = c.dm;
+  const int64_t he = item % c.Hke, tile = item / c.Hke % c.nkt, b = item / c.Hke / c.nkt;
+  const int64_t src = c.Hke == dm.Hkv ? he : he / dm.G, t0 = tile * BK, Dp = c.Dp;
+  const int64_t nk = std::min<int64_t>(BK, dm.Lk - t0);
+  T* rows = c.ke ? c.ke + ((b * c.Hke + he) * c.Lkp + t0) * Dp : tmp;
+  std::fill(rows + nk * Dp, rows + BK * Dp, T(0));
+  for (int64_t j = 0; j < nk; ++j) {
+    const int64_t r = c.krow ? c.krow[(c.kpos_batched ? b : 0) * dm.Lk + t0 + j] : 0;
+    encode_row<T>(c, k + ((b * dm.Lk + t0 + j) * dm.Hkv + src) * dm.D, r, c.table_head(he), rows + j * Dp);
+  }
+  transpose_tile<T>(rows, Dp, Dp, c.kt + ((b * c.Hke + he) * c.nkt + tile) * Dp * BK);
+}
+
+// One key tile of one head of v: as rows (forward) or transposed (backward).
+template <class T>
+FPE_CPU_CLONES void prep_v_tile(const Plan<T>& c, const T* v, int64_t item, T* tmp) {
+  const Dims& dm = c.dm;
+  const int64_t hv = item % dm.Hkv, tile = item / dm.Hkv % c.nkt, b = item / dm.Hkv / c.nkt;
+  const int64_t t0 = tile * BK, Dvp = c.Dvp, nk = std::min<int64_t>(BK, dm.Lk - t0);
+  T* rows = c.ve ? c.ve + ((b * dm.Hkv + hv) * c.Lkp + t0) * Dvp : tmp;
+  std::fill(rows, rows + BK * Dvp, T(0));
+  for (int64_t j = 0; j < nk; ++j) {
+    const T* x = v + ((b * dm.Lk + t0 + j) * dm.Hkv + hv) * dm.Dv;
+    std::copy(x, x + dm.Dv, rows + j * Dvp);
+  }
+  if (c.vt) transpose_tile<T>(rows, Dvp, Dvp, c.vt + ((b * dm.Hkv + hv) * c.nkt + tile) * Dvp * BK);
+}
+
+// dO rows of one query block of one head (zero-padded) and delta = rowsum(dO * O).
+template <class T>
+FPE_CPU_CLONES void prep_do_block(const Plan<T>& c, const T* dout, const T* out, int64_t item) {
+  const Dims& dm = c.dm;
+  const int64_t h = item % dm.H, qb = item / dm.H % c.nqb, b = item / dm.H / c.nqb, Dvp = c.Dvp;
+  T* rows = c.doe + ((b * dm.H + h) * c.Lqp + qb * BQ) * Dvp;
+  std::fill(rows, rows + BQ * Dvp, T(0));
+  for (int64_t i = 0; i < BQ && qb * BQ + i < dm.Lq; ++i) {
+    const int64_t t = qb * BQ + i;
+    const T *g = dout + ((b * dm.Lq + t) * dm.H + h) * dm.Dv, *o = out + ((b * dm.Lq + t) * dm.H + h) * dm.Dv;
+    std::copy(g, g + dm.Dv, rows + i * Dvp);
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t e = 0; e < dm.Dv; ++e) acc += g[e] * o[e];
+    c.delta[(b * dm.H + h) * dm.Lq + t] = acc;
+  }
+}
+
+// ---- forward: one query block of one (batch, head) ---------------------------------------------------------------
+template <class T>
+int64_t forward_scratch(const Plan<T>& c) {
+  return std::max<int64_t>(2 * BQ * BK + BQ * c.Dvp + BQ * kW<T> + 2 * BQ, BK * std::max(c.Dp, c.Dvp));
+}
+
+template <class T>
+FPE_CPU_CLONES void forward_block(const Plan<T>& c, int64_t item, T* scratch, T* out, T* lse) {
+  const Dims& dm = c.dm;
+  const int64_t task = item / c.nqb, qb = c.nqb - 1 - item % c.nqb;  // late (longest causal) blocks first
+  const int64_t b = task / dm.H, h = task % dm.H, hk = h / dm.G, he = c.Hke == dm.H ? h : hk;
+  const int64_t i0 = qb * BQ, Dp = c.Dp, Dvp = c.Dvp;
+  const int nq = (int)std::min<int64_t>(BQ, dm.Lq - i0);
+  const int64_t Mq = round_up(nq, MR);
+  T *S = scratch, *X = S + BQ * BK, *O = X + BQ * BK, *l = O + BQ * Dvp, *m = l + BQ * kW<T>, *corr = m + BQ;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const T* Q = c.qe + ((b * dm.H + h) * c.Lqp + i0) * Dp;
+  const int64_t* qp = c.qpos + (c.qpos_batched ? b * c.Lqp : 0) + i0;
+  const T esc = c.exp_scale();
+  const T slope = c.p.kind == ENC_ALIBI ? static_cast<T>(c.p.slopes[(c.p.slopes_batch > 1 ? b : 0) * dm.H + h]) : T(0);
+  std::fill(O, O + Mq * Dvp, T(0));
+  std::fill(m, m + BQ, ninf);
+  std::fill(l, l + BQ * kW<T>, T(0));
+  for (int64_t kt = 0; kt < c.nkt; ++kt) {
+    if (!c.visible(b, qb, kt)) continue;
+    const T* KT = c.kt + ((b * c.Hke + he) * c.nkt + kt) * Dp * BK;
+    gemm<T, false>(Mq, BK, c.split, Q, Dp, 1, KT, BK, S, BK);
+    if (c.tapa) gemm<T, false>(Mq, BK, dm.D - c.split, Q + c.Da, Dp, 1, KT + c.Da * BK, BK, X, BK);
+    const int nk = (int)std::min<int64_t>(BK, dm.Lk - kt * BK);
+    const int64_t* kp = c.kpos + (c.kpos_batched ? b * c.Lkp : 0) + kt * BK;
+    const double* kpd = c.kposd + (kp - c.kpos);
+    const bool mask = c.masked(b, qb, kt);
+    for (int i = 0; i < nq; ++i) {  // online softmax: S becomes P = exp(s - m_new), O is rescaled by corr
+      T* s = S + i * BK;
+      score_row<T, false>(c, qp[i], kp, kpd, c.omega_run(b, kt, qp[i], kp[0]), nk, mask, slope, s, X + i * BK, nullptr);
+      const T mx = std::max(m[i], esc * row_max(s));  // esc > 0: the max of the scaled scores
+      if (mx == ninf) {  // nothing visible yet
+        std::fill(s, s + BK, T(0));
+        corr[i] = 1;
+        continue;
+      }
+#pragma omp simd
+      for (int j = 0; j < BK; ++j) s[j] = vexp(s[j] * esc - mx);
+      corr[i] = vexp(m[i] - mx);
+      m[i] = mx;
+      lane_sums(l + i * kW<T>, corr[i], s);
+    }
+    std::fill(S + nq * BK, S + Mq * BK, T(0));
+    for (int i = 0; i < nq; ++i) {
+      if (corr[i] == T(1)) continue;
+      T* o = O + i * Dvp;
+      const T f = corr[i];
+#pragma omp simd
+      for (int64_t e = 0; e < Dvp; ++e) o[e] *= f;
+    }
+    KRange qrows[BQ / MR], krows[BK / MR];
+    if (mask) causal_ranges(c, b, qb, kt, qp, nq, kp, nk, qrows, krows);
+    gemm<T, true>(Mq, Dvp, BK, S, BK, 1, c.ve + ((b * dm.Hkv + hk) * c.Lkp + kt * BK) * Dvp, Dvp, O, Dvp,
+                  mask ? qrows : nullptr);
+  }
   for (int i = 0; i < nq; ++i) {
-    T* si = s[i];
-    if (tapa) {
-      T* di = dot[i];
-      const int64_t qp = qpos[i0 + i];
-      for (int j = 0; j < nk; ++j) {
-        const T a = si[j] * scale;
-        amp[i][j] = a;
-        const T om = tapa_omega<T>(p.tapa_phase_scale, p.tapa_alpha, qp, kpos[j0 + j]);
-        si[j] = tapa_score<T>(a, om, di[j]);
-      }
-    } else if (p.kind == ENC_ALIBI) {
-      const float slope = p.slopes[slope_idx];
-      const int64_t qp = qpos[i0 + i];
-      for (int j = 0; j < nk; ++j) si[j] = si[j] * scale + alibi_bias<T>(slope, qp, kpos[j0 + j]);
-    } else {
-      for (int j = 0; j < nk; ++j) si[j] *= scale;
-    }
-    if (causal) {
-      const int64_t qp = qpos[i0 + i];
-      for (int j = 0; j < nk; ++j)
-        if (kpos[j0 + j] > qp) si[j] = -std::numeric_limits<T>::infinity();
-    }
+    T sum = 0;
+    for (int64_t e = 0; e < kW<T>; ++e) sum += l[i * kW<T> + e];
+    T* o = out + ((b * dm.Lq + i0 + i) * dm.H + h) * dm.Dv;
+    const T inv = sum > T(0) ? T(1) / sum : T(0);  // rows that see no key: zeros, lse -inf
+    for (int64_t e = 0; e < dm.Dv; ++e) o[e] = O[i * Dvp + e] * inv;
+    lse[(b * dm.H + h) * dm.Lq + i0 + i] = sum > T(0) ? m[i] + std::log(sum) : ninf;
   }
 }
 
-template <typename T>
-void transpose(const T* x, int64_t L, int64_t D, T* y) {  // (L, D) -> (D, Lp), zero-padded columns
-  const int64_t Lp = padded(L);
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t t = L; t < Lp; ++t) y[d * Lp + t] = 0;
-  for (int64_t t = 0; t < L; ++t)
-    for (int64_t d = 0; d < D; ++d) y[d * Lp + t] = x[t * D + d];
+// ---- backward: a share of the key tiles of one (batch, head) ------------------------------------------------
+template <class T>
+int64_t backward_scratch(const Plan<T>& c) {
+  return std::max(4 * BQ * BK + BK * c.Dp + BK * c.Dvp, BK * std::max(c.Dp, c.Dvp)) + c.Dp + 2 * c.p.npairs;
 }
 
-template <typename T>
-void task_setup(const EncParams& p, const Dims& dm, const T* q, const T* k, int64_t b, int64_t h, const int64_t* qpos,
-                const int64_t* kpos, std::vector<T>& qr, std::vector<T>& kr, std::vector<T>& krT) {
-  const int64_t hk = h / dm.G;
-  qr.assign((dm.Lq + BQ - 1) / BQ * BQ * dm.D, T(0));  // zero rows pad the last query block
-  kr.assign(padded(dm.Lk) * dm.D, T(0));                // and the last key tile
-  krT.resize(padded(dm.Lk) * dm.D);
-  encode_rows<T>(p, q, dm.Lq, dm.H, dm.D, b, h, h, qpos, qr.data());
-  encode_rows<T>(p, k, dm.Lk, dm.Hkv, dm.D, b, hk, h, kpos, kr.data());
-  transpose<T>(kr.data(), dm.Lk, dm.D, krT.data());
-}
-
-inline bool tile_skipped(bool causal, const int64_t* qpos, int i0, int nq, const int64_t* kpos, int j0, int nk) {
-  if (!causal) return false;
-  int64_t qmax = qpos[i0], kmin = kpos[j0];
-  for (int i = 1; i < nq; ++i) qmax = std::max(qmax, qpos[i0 + i]);
-  for (int j = 1; j < nk; ++j) kmin = std::min(kmin, kpos[j0 + j]);
-  return kmin > qmax;
-}
-
-template <typename T>
-FPE_CPU_CLONES void forward_task(const T* q, const T* k, const T* v, const int64_t* qpos_all, const int64_t* kpos_all,
-                                 const EncParams& p, const Dims dm, bool causal, T scale, T* out, T* lse, int64_t task) {
-  {
-    const int64_t b = task / dm.H, h = task % dm.H, hk = h / dm.G;
-    const int64_t* qpos = qpos_all + b * dm.qpos_bs;
-    const int64_t* kpos = kpos_all + b * dm.kpos_bs;
-    const int64_t slope_idx = (p.slopes_batch > 1 ? b : 0) * dm.H + h;
-    std::vector<T> qr, kr, krT;
-    task_setup<T>(p, dm, q, k, b, h, qpos, kpos, qr, kr, krT);
-    std::vector<T> acc(BQ * dm.Dv);
-    T s[BQ][BK], amp[BQ][BK], dot[BQ][BK];
-    T m[BQ], l[BQ];
-    for (int i0 = 0; i0 < dm.Lq; i0 += BQ) {
+template <class T>
+FPE_CPU_CLONES void backward_item(const Plan<T>& c, int64_t item, T* scratch, const T* lse, T* dvh) {
+  const Dims& dm = c.dm;
+  const int64_t task = item / c.nsplit, share = item % c.nsplit;
+  const int64_t b = task / dm.H, h = task % dm.H, hk = h / dm.G, he = c.Hke == dm.H ? h : hk;
+  const int64_t Dp = c.Dp, Dvp = c.Dvp, Da = c.Da;
+  T *S = scratch, *DP = S + BQ * BK, *X = DP + BQ * BK, *Y = X + BQ * BK, *dK = Y + BQ * BK, *dV = dK + BK * Dp;
+  const T ninf = -std::numeric_limits<T>::infinity(), sc = c.scale, esc = c.exp_scale();
+  const T slope = c.p.kind == ENC_ALIBI ? static_cast<T>(c.p.slopes[(c.p.slopes_batch > 1 ? b : 0) * dm.H + h]) : T(0);
+  const T* lse_bh = lse + (b * dm.H + h) * dm.Lq;
+  const T* delta = c.delta + (b * dm.H + h) * dm.Lq;
+  T* gq = c.gq + ((share * dm.B + b) * dm.H + h) * c.Lqp * Dp;
+  std::fill(gq, gq + c.Lqp * Dp, T(0));
+  for (int64_t kt = share; kt < c.nkt; kt += c.nsplit) {
+    std::fill(dK, dK + BK * Dp, T(0));
+    std::fill(dV, dV + BK * Dvp, T(0));
+    const T* KT = c.kt + ((b * c.Hke + he) * c.nkt + kt) * Dp * BK;
+    const T* KR = c.ke + ((b * c.Hke + he) * c.Lkp + kt * BK) * Dp;
+    const T* VT = c.vt + ((b * dm.Hkv + hk) * c.nkt + kt) * Dvp * BK;
+    const int nk = (int)std::min<int64_t>(BK, dm.Lk - kt * BK);
+    const int64_t* kp = c.kpos + (c.kpos_batched ? b * c.Lkp : 0) + kt * BK;
+    const double* kpd = c.kposd + (kp - c.kpos);
+    for (int64_t qb = 0; qb < c.nqb; ++qb) {
+      if (!c.visible(b, qb, kt)) continue;
+      const int64_t i0 = qb * BQ;
       const int nq = (int)std::min<int64_t>(BQ, dm.Lq - i0);
-      std::fill(acc.begin(), acc.end(), T(0));
-      for (int i = 0; i < nq; ++i) { m[i] = -std::numeric_limits<T>::infinity(); l[i] = 0; }
-      for (int j0 = 0; j0 < dm.Lk; j0 += BK) {
-        const int nk = (int)std::min<int64_t>(BK, dm.Lk - j0);
-        if (tile_skipped(causal, qpos, i0, nq, kpos, j0, nk)) continue;
-        score_tile<T>(p, dm, qr.data(), krT.data(), qpos, kpos, slope_idx, i0, nq, j0, nk, causal, scale, s, amp, dot);
-        for (int i = 0; i < nq; ++i) {
-          T mx = m[i];
-          for (int j = 0; j < nk; ++j) mx = std::max(mx, s[i][j]);
-          if (mx == -std::numeric_limits<T>::infinity()) continue;  // nothing visible yet
-          const T corr = m[i] == -std::numeric_limits<T>::infinity() ? T(0) : vexp(m[i] - mx);
-          T* a = acc.data() + i * dm.Dv;
-          if (corr != T(1))
-            for (int64_t e = 0; e < dm.Dv; ++e) a[e] *= corr;
-          T sum = 0;
-          T* si = s[i];
-#pragma omp simd reduction(+ : sum)
-          for (int j = 0; j < nk; ++j) {
-            const T pj = vexp(si[j] - mx);
-            si[j] = pj;
-            sum += pj;
-          }
-          for (int j = 0; j < nk; ++j) {
-            const T pj = si[j];
-            if (pj == T(0)) continue;
-            const T* vr = v + ((b * dm.Lk + j0 + j) * dm.Hkv + hk) * dm.Dv;
+      const int64_t Mq = round_up(nq, MR);
+      const T* Q = c.qe + ((b * dm.H + h) * c.Lqp + i0) * Dp;
+      const T* DO = c.doe + ((b * dm.H + h) * c.Lqp + i0) * Dvp;
+      const int64_t* qp = c.qpos + (c.qpos_batched ? b * c.Lqp : 0) + i0;
+      const bool mask = c.masked(b, qb, kt);
+      gemm<T, false>(Mq, BK, c.split, Q, Dp, 1, KT, BK, S, BK);
+      if (c.tapa) gemm<T, false>(Mq, BK, dm.D - c.split, Q + Da, Dp, 1, KT + Da * BK, BK, X, BK);
+      gemm<T, false>(Mq, BK, dm.Dv, DO, Dvp, 1, VT, BK, DP, BK);  // dP = dO V^T
+      for (int i = 0; i < nq; ++i) {  // S becomes P, DP becomes dS (times the amplitude factor), X the phase part
+        T *s = S + i * BK, *dp = DP + i * BK, *x = X + i * BK, *y = Y + i * BK;
+        score_row<T, true>(c, qp[i], kp, kpd, c.omega_run(b, kt, qp[i], kp[0]), nk, mask, slope, s, x, y);
+        const T L = lse_bh[i0 + i], dl = delta[i0 + i];
+        if (L == ninf) {  // the row sees no key
+          std::fill(s, s + BK, T(0));
+          std::fill(dp, dp + BK, T(0));
+          std::fill(x, x + BK, T(0));
+          continue;
+        }
+        if (c.tapa) {
 #pragma omp simd
-            for (int64_t e = 0; e < dm.Dv; ++e) a[e] += pj * vr[e];
-          }
-          l[i] = l[i] * corr + sum;
-          m[i] = mx;
-        }
-      }
-      for (int i = 0; i < nq; ++i) {
-        T* o = out + ((b * dm.Lq + i0 + i) * dm.H + h) * dm.Dv;
-        const T* a = acc.data() + i * dm.Dv;
-        if (l[i] > 0) {
-          const T inv = T(1) / l[i];
-          for (int64_t e = 0; e < dm.Dv; ++e) o[e] = a[e] * inv;
-          lse[(b * dm.H + h) * dm.Lq + i0 + i] = m[i] + std::log(l[i]);
-        } else {
-          for (int64_t e = 0; e < dm.Dv; ++e) o[e] = 0;
-          lse[(b * dm.H + h) * dm.Lq + i0 + i] = -std::numeric_limits<T>::infinity();
-        }
-      }
-    }
-  }
-}
-
-template <typename T>
-void forward_impl(const T* q, const T* k, const T* v, const int64_t* qpos_all, const int64_t* kpos_all,
-                  const EncParams& p, const Dims dm, bool causal, T scale, T* out, T* lse) {
-  const int64_t ntasks = dm.B * dm.H;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
-  for (int64_t task = 0; task < ntasks; ++task)
-    forward_task<T>(q, k, v, qpos_all, kpos_all, p, dm, causal, scale, out, lse, task);
-}
-
-// Gradient rows g (w.r.t. the encoded rows) back to the input rows; FoPE coefficient gradients into dA/dB (Dk, P).
-template <typename T>
-void decode_grad_rows(const EncParams& p, const T* x, int64_t L, int64_t Hx, int64_t D, int64_t b, int64_t hx,
-                      int64_t h, const int64_t* pos, const T* g, T* dx, int64_t dx_stride, T* dA, T* dB) {
-  std::vector<T> c(p.npairs + 1), s(p.npairs + 1), ck(p.fope_dk + 1), sk(p.fope_dk + 1);
-  for (int64_t t = 0; t < L; ++t) {
-    const T* gr = g + t * D;
-    T* out = dx + t * dx_stride;
-    for (int64_t d = 0; d < D; ++d) out[d] = gr[d];
-    if (!is_rotation(p.kind)) continue;
-    row_tables<T>(p, pos[t], h, c.data(), s.data(), ck.data(), sk.data());
-    const T* xr = x + ((b * L + t) * Hx + hx) * D;
-    for (int j = 0; j < p.npairs; ++j) {
-      const int64_t i1 = p.idx1[j], i2 = p.idx2[j];
-      T h1, h2;
-      rotate_pair_t<T>(gr[i1], gr[i2], c[j], s[j], h1, h2);
-      out[i1] = h1; out[i2] = h2;
-    }
-    if (dA != nullptr) {
-      for (int j = 0; j < p.npairs; ++j) {
-        if (p.fope_pad[j] != 0.f) continue;
-        const int64_t i1 = p.idx1[j], i2 = p.idx2[j];
-        T dc, ds;
-        rotate_pair_dtables<T>(xr[i1], xr[i2], gr[i1], gr[i2], dc, ds);
-        for (int kk = 0; kk < p.fope_dk; ++kk) {
-          dA[kk * p.npairs + j] += ck[kk] * dc;
-          dB[kk * p.npairs + j] += sk[kk] * ds;
-        }
-      }
-    }
-  }
-}
-
-template <typename T>
-FPE_CPU_CLONES void backward_task(const T* dout, const T* q, const T* k, const T* v, const T* out, const T* lse,
-                                  const int64_t* qpos_all, const int64_t* kpos_all, const EncParams& p, const Dims dm,
-                                  bool causal, T scale, T* dq, T* dkh, T* dvh, T* dA_all, T* dB_all, int64_t task) {
-  const bool tapa = p.kind == ENC_TAPA;
-  const int64_t D = dm.D, Dv = dm.Dv, da = tapa ? p.tapa_split : D;
-  {
-    const int64_t b = task / dm.H, h = task % dm.H, hk = h / dm.G;
-    const int64_t* qpos = qpos_all + b * dm.qpos_bs;
-    const int64_t* kpos = kpos_all + b * dm.kpos_bs;
-    const int64_t slope_idx = (p.slopes_batch > 1 ? b : 0) * dm.H + h;
-    std::vector<T> qr, kr, krT;
-    task_setup<T>(p, dm, q, k, b, h, qpos, kpos, qr, kr, krT);
-    const int64_t Lkp = padded(dm.Lk);
-    std::vector<T> vT(Lkp * Dv, T(0)), delta(dm.Lq);
-    for (int64_t t = 0; t < dm.Lk; ++t)
-      for (int64_t e = 0; e < Dv; ++e) vT[e * Lkp + t] = v[((b * dm.Lk + t) * dm.Hkv + hk) * Dv + e];
-    for (int64_t i = 0; i < dm.Lq; ++i) {
-      const T* o = out + ((b * dm.Lq + i) * dm.H + h) * Dv;
-      const T* g = dout + ((b * dm.Lq + i) * dm.H + h) * Dv;
-      T acc = 0;
-      for (int64_t e = 0; e < Dv; ++e) acc += o[e] * g[e];
-      delta[i] = acc;
-    }
-    std::vector<T> gq(dm.Lq * D, T(0)), gk(dm.Lk * D, T(0));
-    T* dvrow = dvh;  // (B, Lk, H, Dv)
-    for (int64_t t = 0; t < dm.Lk; ++t)
-      std::fill(dvrow + ((b * dm.Lk + t) * dm.H + h) * Dv, dvrow + ((b * dm.Lk + t) * dm.H + h) * Dv + Dv, T(0));
-    T s[BQ][BK], amp[BQ][BK], dot[BQ][BK], dp[BQ][BK];
-    const T* lse_bh = lse + (b * dm.H + h) * dm.Lq;
-    for (int i0 = 0; i0 < dm.Lq; i0 += BQ) {
-      const int nq = (int)std::min<int64_t>(BQ, dm.Lq - i0);
-      for (int j0 = 0; j0 < dm.Lk; j0 += BK) {
-        const int nk = (int)std::min<int64_t>(BK, dm.Lk - j0);
-        if (tile_skipped(causal, qpos, i0, nq, kpos, j0, nk)) continue;
-        score_tile<T>(p, dm, qr.data(), krT.data(), qpos, kpos, slope_idx, i0, nq, j0, nk, causal, scale, s, amp, dot);
-        gemm_rows<T>(dout + ((b * dm.Lq + i0) * dm.H + h) * Dv, dm.H * Dv, nq, vT.data() + j0, Lkp, Dv, dp);
-        for (int i = 0; i < nq; ++i) {
-          const T L = lse_bh[i0 + i];
-          const T* g = dout + ((b * dm.Lq + i0 + i) * dm.H + h) * Dv;
-          if (L == -std::numeric_limits<T>::infinity()) {
-            for (int j = 0; j < nk; ++j) { s[i][j] = 0; dp[i][j] = 0; }
-            continue;
-          }
-          T* si = s[i];
-#pragma omp simd
-          for (int j = 0; j < nk; ++j) si[j] = vexp(si[j] - L);  // P
-          for (int j = 0; j < nk; ++j) dp[i][j] = s[i][j] * (dp[i][j] - delta[i0 + i]);  // dS
-          (void)g;
-        }
-        // dV[j] += sum_i P[i][j] dO[i], four queries per pass
-        for (int j = 0; j < nk; ++j) {
-          T* dvr = dvh + ((b * dm.Lk + j0 + j) * dm.H + h) * Dv;
-          int i = 0;
-          for (; i + 4 <= nq; i += 4) {
-            const T p0 = s[i][j], p1 = s[i + 1][j], p2 = s[i + 2][j], p3 = s[i + 3][j];
-            if (p0 == T(0) && p1 == T(0) && p2 == T(0) && p3 == T(0)) continue;
-            const T* g0 = dout + ((b * dm.Lq + i0 + i) * dm.H + h) * Dv;
-            const T *g1 = g0 + dm.H * Dv, *g2 = g1 + dm.H * Dv, *g3 = g2 + dm.H * Dv;
-#pragma omp simd
-            for (int64_t e = 0; e < Dv; ++e) dvr[e] += p0 * g0[e] + p1 * g1[e] + p2 * g2[e] + p3 * g3[e];
-          }
-          for (; i < nq; ++i) {
-            const T p0 = s[i][j];
-            if (p0 == T(0)) continue;
-            const T* g0 = dout + ((b * dm.Lq + i0 + i) * dm.H + h) * Dv;
-#pragma omp simd
-            for (int64_t e = 0; e < Dv; ++e) dvr[e] += p0 * g0[e];
-          }
-        }
-        // dS -> dq, dk (through the encoding's score function): fa multiplies dims < da, fb the rest (TAPA)
-        for (int i = 0; i < BQ; ++i) {
-          const int64_t qp = i < nq ? qpos[i0 + i] : 0;
           for (int j = 0; j < BK; ++j) {
-            const T dsv = (i < nq && j < nk) ? dp[i][j] : T(0);
-            if (tapa && dsv != T(0)) {
-              const T om = tapa_omega<T>(p.tapa_phase_scale, p.tapa_alpha, qp, kpos[j0 + j]);
-              T ds_amp, ds_dot;
-              tapa_grad<T>(dsv, amp[i][j], om, dot[i][j], ds_amp, ds_dot);
-              dp[i][j] = ds_amp * scale;
-              s[i][j] = ds_dot;
-            } else {
-              dp[i][j] = dsv * scale;
-              s[i][j] = 0;
-            }
+            const T pj = vexp(s[j] - L), ds = pj * (dp[j] - dl);
+            s[j] = pj;
+            dp[j] = ds * x[j];
+            x[j] = ds * y[j];
           }
-        }
-        for (int i = 0; i < nq; ++i) {  // dq[i] += sum_j f[i][j] k[j], four keys per pass
-          T* gqi = gq.data() + (int64_t)(i0 + i) * D;
-          for (int j = 0; j < BK; j += 4) {
-            const T a0 = dp[i][j], a1 = dp[i][j + 1], a2 = dp[i][j + 2], a3 = dp[i][j + 3];
-            const T b0 = s[i][j], b1 = s[i][j + 1], b2 = s[i][j + 2], b3 = s[i][j + 3];
-            if (a0 == T(0) && a1 == T(0) && a2 == T(0) && a3 == T(0) && b0 == T(0) && b1 == T(0) && b2 == T(0) &&
-                b3 == T(0))
-              continue;
-            const T* k0 = kr.data() + (int64_t)(j0 + j) * D;
-            const T *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
+        } else {
 #pragma omp simd
-            for (int64_t d = 0; d < da; ++d) gqi[d] += a0 * k0[d] + a1 * k1[d] + a2 * k2[d] + a3 * k3[d];
-#pragma omp simd
-            for (int64_t d = da; d < D; ++d) gqi[d] += b0 * k0[d] + b1 * k1[d] + b2 * k2[d] + b3 * k3[d];
-          }
-        }
-        for (int j = 0; j < nk; ++j) {  // dk[j] += sum_i f[i][j] q[i], four queries per pass
-          T* gkj = gk.data() + (int64_t)(j0 + j) * D;
-          for (int i = 0; i < BQ; i += 4) {
-            const T a0 = dp[i][j], a1 = dp[i + 1][j], a2 = dp[i + 2][j], a3 = dp[i + 3][j];
-            const T b0 = s[i][j], b1 = s[i + 1][j], b2 = s[i + 2][j], b3 = s[i + 3][j];
-            if (a0 == T(0) && a1 == T(0) && a2 == T(0) && a3 == T(0) && b0 == T(0) && b1 == T(0) && b2 == T(0) &&
-                b3 == T(0))
-              continue;
-            const T* q0 = qr.data() + (int64_t)(i0 + i) * D;
-            const T *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
-#pragma omp simd
-            for (int64_t d = 0; d < da; ++d) gkj[d] += a0 * q0[d] + a1 * q1[d] + a2 * q2[d] + a3 * q3[d];
-#pragma omp simd
-            for (int64_t d = da; d < D; ++d) gkj[d] += b0 * q0[d] + b1 * q1[d] + b2 * q2[d] + b3 * q3[d];
+          for (int j = 0; j < BK; ++j) {
+            const T pj = vexp(s[j] * esc - L);
+            s[j] = pj;
+            dp[j] = pj * (dp[j] - dl) * sc;
           }
         }
       }
+      std::fill(S + nq * BK, S + Mq * BK, T(0));
+      std::fill(DP + nq * BK, DP + Mq * BK, T(0));
+      std::fill(X + nq * BK, X + Mq * BK, T(0));
+      KRange qrows[BQ / MR], krows[BK / MR];
+      if (mask) causal_ranges(c, b, qb, kt, qp, nq, kp, nk, qrows, krows);
+      const KRange *qr = mask ? qrows : nullptr, *kr = mask ? krows : nullptr;
+      gemm<T, true>(BK, Dvp, Mq, S, 1, BK, DO, Dvp, dV, Dvp, kr);          // dV += P^T dO
+      gemm<T, true>(BK, Da, Mq, DP, 1, BK, Q, Dp, dK, Dp, kr);             // dK += dS^T Q
+      gemm<T, true>(Mq, Da, BK, DP, BK, 1, KR, Dp, gq + i0 * Dp, Dp, qr);  // dQ += dS K
+      if (c.tapa) {
+        gemm<T, true>(BK, Dp - Da, Mq, X, 1, BK, Q + Da, Dp, dK + Da, Dp, kr);
+        gemm<T, true>(Mq, Dp - Da, BK, X, BK, 1, KR + Da, Dp, gq + i0 * Dp + Da, Dp, qr);
+      }
     }
-    T* dA = dA_all ? dA_all + (b * dm.H + h) * p.fope_dk * p.npairs : nullptr;
-    T* dB = dB_all ? dB_all + (b * dm.H + h) * p.fope_dk * p.npairs : nullptr;
-    decode_grad_rows<T>(p, q, dm.Lq, dm.H, D, b, h, h, qpos, gq.data(), dq + (b * dm.Lq * dm.H + h) * D, dm.H * D, dA,
-                        dB);
-    decode_grad_rows<T>(p, k, dm.Lk, dm.Hkv, D, b, hk, h, kpos, gk.data(), dkh + (b * dm.Lk * dm.H + h) * D,
-                        dm.H * D, dA, dB);
+    std::copy(dK, dK + BK * Dp, c.gk + ((b * dm.H + h) * c.Lkp + kt * BK) * Dp);
+    for (int j = 0; j < nk; ++j)
+      std::copy(dV + j * Dvp, dV + j * Dvp + dm.Dv, dvh + ((b * dm.Lk + kt * BK + j) * dm.H + h) * dm.Dv);
   }
 }
 
-template <typename T>
-void backward_impl(const T* dout, const T* q, const T* k, const T* v, const T* out, const T* lse,
-                   const int64_t* qpos_all, const int64_t* kpos_all, const EncParams& p, const Dims dm, bool causal,
-                   T scale, T* dq, T* dkh, T* dvh, T* dA_all, T* dB_all) {
-  const int64_t ntasks = dm.B * dm.H;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
-  for (int64_t task = 0; task < ntasks; ++task)
-    backward_task<T>(dout, q, k, v, out, lse, qpos_all, kpos_all, p, dm, causal, scale, dq, dkh, dvh, dA_all, dB_all,
-                     task);
+// Gradients w.r.t. the encoded rows of one (batch, head) back to dq, dk (per query head) and FoPE's dA, dB.
+template <class T>
+FPE_CPU_CLONES void decode_head(const Plan<T>& c, int64_t task, const T* q, const T* k, T* dq, T* dkh, T* dA_all,
+                                T* dB_all, T* scratch) {
+  const Dims& dm = c.dm;
+  const int64_t b = task / dm.H, h = task % dm.H, hk = h / dm.G, ht = c.table_head(h), Dp = c.Dp;
+  const int64_t P = c.p.npairs, dk = c.p.fope_dk;
+  T *g = scratch, *dc = g + Dp, *ds = dc + P;
+  T* dA = dA_all ? dA_all + task * dk * P : nullptr;
+  T* dB = dB_all ? dB_all + task * dk * P : nullptr;
+  for (int64_t t = 0; t < dm.Lq; ++t) {
+    std::fill(g, g + Dp, T(0));
+    for (int64_t sh = 0; sh < c.nsplit; ++sh) {
+      const T* gs = c.gq + (((sh * dm.B + b) * dm.H + h) * c.Lqp + t) * Dp;
+      for (int64_t d = 0; d < Dp; ++d) g[d] += gs[d];
+    }
+    const int64_t r = c.qrow ? c.qrow[(c.qpos_batched ? b : 0) * dm.Lq + t] : 0;
+    decode_row<T>(c, g, q + ((b * dm.Lq + t) * dm.H + h) * dm.D, r, ht, dq + ((b * dm.Lq + t) * dm.H + h) * dm.D, dA,
+                  dB, dc, ds);
+  }
+  for (int64_t t = 0; t < dm.Lk; ++t) {
+    const int64_t r = c.krow ? c.krow[(c.kpos_batched ? b : 0) * dm.Lk + t] : 0;
+    decode_row<T>(c, c.gk + ((b * dm.H + h) * c.Lkp + t) * Dp, k + ((b * dm.Lk + t) * dm.Hkv + hk) * dm.D, r, ht,
+                  dkh + ((b * dm.Lk + t) * dm.H + h) * dm.D, dA, dB, dc, ds);
+  }
 }
 
-Dims make_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_pos,
-               const at::Tensor& k_pos) {
-  Dims d;
-  d.B = q.size(0); d.Lq = q.size(1); d.H = q.size(2); d.D = q.size(3);
-  d.Lk = k.size(1); d.Hkv = k.size(2); d.Dv = v.size(3); d.G = d.H / d.Hkv;
-  d.qpos_bs = q_pos.size(0) == 1 ? 0 : d.Lq;
-  d.kpos_bs = k_pos.size(0) == 1 ? 0 : d.Lk;
-  return d;
+// ---- launchers ----------------------------------------------------------------------------------------------------
+// Geometry, padded positions, block summaries, table rows and the operand buffers; `keep` owns the memory.
+template <class T>
+Plan<T> make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_pos,
+                  const at::Tensor& k_pos, const EncParams& p, bool causal, double scale, bool backward,
+                  int nthreads, std::vector<at::Tensor>& keep) {
+  Plan<T> c;
+  Dims& dm = c.dm;
+  dm.B = q.size(0); dm.Lq = q.size(1); dm.H = q.size(2); dm.D = q.size(3);
+  dm.Lk = k.size(1); dm.Hkv = k.size(2); dm.Dv = v.size(3); dm.G = dm.H / dm.Hkv;
+  c.p = p;
+  c.causal = causal;
+  c.scale = static_cast<T>(scale);
+  c.tapa = p.kind == ENC_TAPA;
+  const int64_t W = kW<T>;
+  c.split = c.tapa ? p.tapa_split : dm.D;
+  c.Da = round_up(c.split, W);
+  c.Dp = c.Da + round_up(dm.D - c.split, W);
+  if (!c.tapa) c.Da = c.Dp;
+  c.Dvp = round_up(dm.Dv, W);
+  c.nqb = (dm.Lq + BQ - 1) / BQ;
+  c.nkt = (dm.Lk + BK - 1) / BK;
+  c.Lqp = c.nqb * BQ;
+  c.Lkp = c.nkt * BK;
+  c.Hke = p.kind == ENC_FOPE ? dm.H : dm.Hkv;
+  c.Ht = p.kind == ENC_FOPE ? dm.H : 1;
+  const int64_t Bq = q_pos.size(0), Bk = k_pos.size(0);
+  c.qpos_batched = Bq > 1;
+  c.kpos_batched = Bk > 1;
+  auto i64 = [&](const at::Tensor& t) {
+    keep.push_back(t.contiguous());
+    return keep.back().data_ptr<int64_t>();
+  };
+  c.qpos = i64(at::constant_pad_nd(q_pos, {0, c.Lqp - dm.Lq}, 0));
+  c.kpos = i64(at::constant_pad_nd(k_pos, {0, c.Lkp - dm.Lk}, 0));
+  keep.push_back(keep.back().to(at::kDouble));
+  c.kposd = keep.back().data_ptr<double>();
+  const int64_t *qp = q_pos.data_ptr<int64_t>(), *kp = k_pos.data_ptr<int64_t>();
+  c.qmin.assign(Bq * c.nqb, std::numeric_limits<int64_t>::max());
+  c.qmax.assign(Bq * c.nqb, std::numeric_limits<int64_t>::min());
+  c.kmin.assign(Bk * c.nkt, std::numeric_limits<int64_t>::max());
+  c.kmax.assign(Bk * c.nkt, std::numeric_limits<int64_t>::min());
+  c.qasc.assign(Bq * c.nqb, 1);
+  c.kasc.assign(Bk * c.nkt, 1);
+  for (int64_t i = 0; i < Bq * dm.Lq; ++i) {
+    const int64_t blk = i / dm.Lq * c.nqb + i % dm.Lq / BQ;
+    c.qmin[blk] = std::min(c.qmin[blk], qp[i]);
+    c.qmax[blk] = std::max(c.qmax[blk], qp[i]);
+    if (i % dm.Lq % BQ != 0 && qp[i] < qp[i - 1]) c.qasc[blk] = 0;
+  }
+  for (int64_t i = 0; i < Bk * dm.Lk; ++i) {
+    const int64_t tile = i / dm.Lk * c.nkt + i % dm.Lk / BK;
+    c.kmin[tile] = std::min(c.kmin[tile], kp[i]);
+    c.kmax[tile] = std::max(c.kmax[tile], kp[i]);
+    if (i % dm.Lk % BK != 0 && kp[i] < kp[i - 1]) c.kasc[tile] = 0;
+  }
+  auto opts = q.options();
+  auto buf = [&](int64_t n) {  // the preparation writes every element, padding included (dQ: its work item)
+    keep.push_back(at::empty({n}, opts));
+    return keep.back().data_ptr<T>();
+  };
+  if (is_rotation(p.kind)) {  // one table row per distinct position when they span a short range (the usual case)
+    const int64_t nqp = Bq * dm.Lq, nkp = Bk * dm.Lk;
+    int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+    for (int64_t i = 0; i < nqp; ++i) lo = std::min(lo, qp[i]), hi = std::max(hi, qp[i]);
+    for (int64_t i = 0; i < nkp; ++i) lo = std::min(lo, kp[i]), hi = std::max(hi, kp[i]);
+    at::Tensor tpos, qrow, krow;
+    if (nqp + nkp > 0 && static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo) < static_cast<uint64_t>(nqp + nkp)) {
+      tpos = at::arange(lo, hi + 1, q_pos.options());
+      qrow = q_pos - lo;
+      krow = k_pos - lo;
+    } else {
+      tpos = at::cat({q_pos.flatten(), k_pos.flatten()});
+      qrow = at::arange(nqp, q_pos.options());
+      krow = at::arange(nqp, nqp + nkp, q_pos.options());
+    }
+    c.ntab = tpos.numel();
+    c.tpos = i64(tpos);
+    c.qrow = i64(qrow);
+    c.krow = i64(krow);
+    c.tc = buf(c.ntab * c.Ht * p.npairs);
+    c.ts = buf(c.ntab * c.Ht * p.npairs);
+    if (p.kind == ENC_FOPE) {
+      c.bc = buf(c.ntab * p.fope_dk);
+      c.bs = buf(c.ntab * p.fope_dk);
+    }
+  }
+  if (c.tapa && dm.Lq > 0 && dm.Lk > 0) {
+    const int64_t qlo = *std::min_element(qp, qp + Bq * dm.Lq), qhi = *std::max_element(qp, qp + Bq * dm.Lq);
+    const int64_t klo = *std::min_element(kp, kp + Bk * dm.Lk), khi = *std::max_element(kp, kp + Bk * dm.Lk);
+    const __int128 lo = static_cast<__int128>(klo) - qhi, n = static_cast<__int128>(khi) - qlo - lo + 1 + BK;
+    if (n <= 4 * (dm.Lq + dm.Lk + BK)) {  // (+ BK: a run may read past the last key of a tile)
+      c.nomega = static_cast<int64_t>(n);
+      c.omega = buf(c.nomega);
+      c.omega_lo = static_cast<int64_t>(lo);
+      c.kcontig.assign(Bk * c.nkt, 1);
+      for (int64_t i = 0; i < Bk * dm.Lk; ++i)
+        if (i % dm.Lk % BK != 0 && static_cast<uint64_t>(kp[i]) - static_cast<uint64_t>(kp[i - 1]) != 1)
+          c.kcontig[i / dm.Lk * c.nkt + i % dm.Lk / BK] = 0;
+    }
+  }
+  c.qe = buf(dm.B * dm.H * c.Lqp * c.Dp);
+  c.kt = buf(dm.B * c.Hke * c.Lkp * c.Dp);
+  if (!backward) {
+    c.ve = buf(dm.B * dm.Hkv * c.Lkp * c.Dvp);
+  } else {
+    // a head's key tiles go to several work items (each with its own dQ) only when heads are too few to share
+    const int64_t tasks = dm.B * dm.H;
+    c.nsplit = std::max<int64_t>(1, std::min<int64_t>(c.nkt, (2 * nthreads + tasks - 1) / tasks));
+    c.ke = buf(dm.B * c.Hke * c.Lkp * c.Dp);
+    c.vt = buf(dm.B * dm.Hkv * c.Lkp * c.Dvp);
+    c.doe = buf(dm.B * dm.H * c.Lqp * c.Dvp);
+    c.delta = buf(dm.B * dm.H * dm.Lq);
+    c.gq = buf(c.nsplit * dm.B * dm.H * c.Lqp * c.Dp);
+    c.gk = buf(dm.B * dm.H * c.Lkp * c.Dp);
+  }
+  return c;
+}
+
+// The per-call tables (rotations, TAPA's Omega), inside the launchers' parallel region; a barrier only if there are
+// any. (Every barrier is a stall when the machine is oversubscribed; hence also dynamic schedules throughout: a
+// running thread takes over the work of a descheduled one.)
+template <class T>
+void fill_tables(const Plan<T>& c) {
+#pragma omp for schedule(dynamic, 16) nowait
+  for (int64_t r = 0; r < c.ntab; ++r) table_row<T>(c, r);
+#pragma omp for schedule(dynamic, 256) nowait
+  for (int64_t i = 0; i < c.nomega; ++i)
+    c.omega[i] = tapa_omega<T>(c.p.tapa_phase_scale, c.p.tapa_alpha, 0, c.omega_lo + i);
+  if (c.ntab + c.nomega > 0) {
+#pragma omp barrier
+  }
+}
+
+template <class T>
+T* thread_scratch(at::Tensor& all) {
+  return all.data_ptr<T>() + omp_get_thread_num() * all.size(1);
+}
+
+template <class T>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_pos,
+                  const at::Tensor& k_pos, const EncParams& p, bool causal, double scale, T* out, T* lse) {
+  const int nth = at::get_num_threads();
+  std::vector<at::Tensor> keep;
+  const Plan<T> c = make_plan<T>(q, k, v, q_pos, k_pos, p, causal, scale, false, nth, keep);
+  at::Tensor scratch = at::empty({nth, round_up(forward_scratch(c), 16)}, q.options());
+  const T *qd = q.data_ptr<T>(), *kd = k.data_ptr<T>(), *vd = v.data_ptr<T>();
+  const Dims& dm = c.dm;
+#pragma omp parallel num_threads(nth)
+  {
+    T* mine = thread_scratch<T>(scratch);
+    fill_tables<T>(c);
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t item = 0; item < dm.B * dm.H * c.nqb; ++item) prep_q_block<T>(c, qd, item);
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t item = 0; item < dm.B * c.Hke * c.nkt; ++item) prep_k_tile<T>(c, kd, item, mine);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < dm.B * dm.Hkv * c.nkt; ++item) prep_v_tile<T>(c, vd, item, mine);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < dm.B * dm.H * c.nqb; ++item) forward_block<T>(c, item, mine, out, lse);
+  }
+}
+
+template <class T>
+void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& out, const T* lse, const at::Tensor& q_pos, const at::Tensor& k_pos,
+                   const EncParams& p, bool causal, double scale, T* dq, T* dkh, T* dvh, T* dA, T* dB) {
+  const int nth = at::get_num_threads();
+  std::vector<at::Tensor> keep;
+  const Plan<T> c = make_plan<T>(q, k, v, q_pos, k_pos, p, causal, scale, true, nth, keep);
+  at::Tensor scratch = at::empty({nth, round_up(backward_scratch(c), 16)}, q.options());
+  const T *qd = q.data_ptr<T>(), *kd = k.data_ptr<T>(), *vd = v.data_ptr<T>();
+  const T *dod = dout.data_ptr<T>(), *od = out.data_ptr<T>();
+  const Dims& dm = c.dm;
+  // the last work item of a (batch, head) to finish decodes its gradients (no barrier before the decode)
+  std::unique_ptr<std::atomic<int64_t>[]> left(new std::atomic<int64_t>[dm.B * dm.H]);
+  for (int64_t t = 0; t < dm.B * dm.H; ++t) left[t] = c.nsplit;
+#pragma omp parallel num_threads(nth)
+  {
+    T* mine = thread_scratch<T>(scratch);
+    fill_tables<T>(c);
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t item = 0; item < dm.B * dm.H * c.nqb; ++item) prep_q_block<T>(c, qd, item);
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t item = 0; item < dm.B * dm.H * c.nqb; ++item) prep_do_block<T>(c, dod, od, item);
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t item = 0; item < dm.B * c.Hke * c.nkt; ++item) prep_k_tile<T>(c, kd, item, mine);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < dm.B * dm.Hkv * c.nkt; ++item) prep_v_tile<T>(c, vd, item, mine);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < dm.B * dm.H * c.nsplit; ++item) {
+      backward_item<T>(c, item, mine, lse, dvh);
+      const int64_t task = item / c.nsplit;
+      if (left[task].fetch_sub(1) == 1) decode_head<T>(c, task, qd, kd, dq, dkh, dA, dB, mine);
+    }
+  }
 }
 
 at::ScalarType compute_type(const at::Tensor& q) {
@@ -453,17 +951,13 @@ std::tuple<at::Tensor, at::Tensor> cpu_forward(const at::Tensor& q_in, const at:
   const auto ct = compute_type(q_in);
   auto q = q_in.to(ct).contiguous(), k = k_in.to(ct).contiguous(), v = v_in.to(ct).contiguous();
   auto q_pos = q_pos_in.to(at::kLong).contiguous(), k_pos = k_pos_in.to(at::kLong).contiguous();
-  const Dims dm = make_dims(q, k, v, q_pos, k_pos);
-  auto out = at::empty({dm.B, dm.Lq, dm.H, dm.Dv}, q.options());
-  auto lse = at::empty({dm.B, dm.H, dm.Lq}, q.options());
+  const int64_t B = q.size(0), Lq = q.size(1), H = q.size(2), Dv = v.size(3);
+  auto out = at::empty({B, Lq, H, Dv}, q.options());
+  auto lse = at::empty({B, H, Lq}, q.options());
   if (ct == at::kDouble)
-    forward_impl<double>(q.data_ptr<double>(), k.data_ptr<double>(), v.data_ptr<double>(), q_pos.data_ptr<int64_t>(),
-                         k_pos.data_ptr<int64_t>(), enc.p, dm, causal, scale, out.data_ptr<double>(),
-                         lse.data_ptr<double>());
+    forward_impl<double>(q, k, v, q_pos, k_pos, enc.p, causal, scale, out.data_ptr<double>(), lse.data_ptr<double>());
   else
-    forward_impl<float>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), q_pos.data_ptr<int64_t>(),
-                        k_pos.data_ptr<int64_t>(), enc.p, dm, causal, (float)scale, out.data_ptr<float>(),
-                        lse.data_ptr<float>());
+    forward_impl<float>(q, k, v, q_pos, k_pos, enc.p, causal, scale, out.data_ptr<float>(), lse.data_ptr<float>());
   return {out.to(q_in.scalar_type()), lse};
 }
 
@@ -475,31 +969,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backw
   auto q = q_in.to(ct).contiguous(), k = k_in.to(ct).contiguous(), v = v_in.to(ct).contiguous();
   auto dout = dout_in.to(ct).contiguous(), out = out_in.to(ct).contiguous(), lse = lse_in.to(ct).contiguous();
   auto q_pos = q_pos_in.to(at::kLong).contiguous(), k_pos = k_pos_in.to(at::kLong).contiguous();
-  const Dims dm = make_dims(q, k, v, q_pos, k_pos);
-  auto dq = at::empty({dm.B, dm.Lq, dm.H, dm.D}, q.options());
-  auto dkh = at::empty({dm.B, dm.Lk, dm.H, dm.D}, q.options());
-  auto dvh = at::empty({dm.B, dm.Lk, dm.H, dm.Dv}, q.options());
+  const int64_t B = q.size(0), Lq = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t Lk = k.size(1), Hkv = k.size(2), Dv = v.size(3), G = H / Hkv;
+  auto dq = at::empty({B, Lq, H, D}, q.options());
+  auto dkh = at::empty({B, Lk, H, D}, q.options());
+  auto dvh = at::empty({B, Lk, H, Dv}, q.options());
   const bool coef = want_coef_grad && enc.p.kind == ENC_FOPE;
   at::Tensor dA, dB;
   if (coef) {
-    dA = at::zeros({dm.B, dm.H, enc.p.fope_dk, enc.p.npairs}, q.options());
-    dB = at::zeros({dm.B, dm.H, enc.p.fope_dk, enc.p.npairs}, q.options());
+    dA = at::zeros({B, H, enc.p.fope_dk, enc.p.npairs}, q.options());
+    dB = at::zeros({B, H, enc.p.fope_dk, enc.p.npairs}, q.options());
   }
   if (ct == at::kDouble)
-    backward_impl<double>(dout.data_ptr<double>(), q.data_ptr<double>(), k.data_ptr<double>(), v.data_ptr<double>(),
-                          out.data_ptr<double>(), lse.data_ptr<double>(), q_pos.data_ptr<int64_t>(),
-                          k_pos.data_ptr<int64_t>(), enc.p, dm, causal, scale, dq.data_ptr<double>(),
-                          dkh.data_ptr<double>(), dvh.data_ptr<double>(), coef ? dA.data_ptr<double>() : nullptr,
-                          coef ? dB.data_ptr<double>() : nullptr);
+    backward_impl<double>(dout, q, k, v, out, lse.data_ptr<double>(), q_pos, k_pos, enc.p, causal, scale,
+                          dq.data_ptr<double>(), dkh.data_ptr<double>(), dvh.data_ptr<double>(),
+                          coef ? dA.data_ptr<double>() : nullptr, coef ? dB.data_ptr<double>() : nullptr);
   else
-    backward_impl<float>(dout.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
-                         out.data_ptr<float>(), lse.data_ptr<float>(), q_pos.data_ptr<int64_t>(),
-                         k_pos.data_ptr<int64_t>(), enc.p, dm, causal, (float)scale, dq.data_ptr<float>(),
-                         dkh.data_ptr<float>(), dvh.data_ptr<float>(), coef ? dA.data_ptr<float>() : nullptr,
-                         coef ? dB.data_ptr<float>() : nullptr);
+    backward_impl<float>(dout, q, k, v, out, lse.data_ptr<float>(), q_pos, k_pos, enc.p, causal, scale,
+                         dq.data_ptr<float>(), dkh.data_ptr<float>(), dvh.data_ptr<float>(),
+                         coef ? dA.data_ptr<float>() : nullptr, coef ? dB.data_ptr<float>() : nullptr);
   const auto dt = q_in.scalar_type();
-  auto dk = dkh.view({dm.B, dm.Lk, dm.Hkv, dm.G, dm.D}).sum(3);
-  auto dv = dvh.view({dm.B, dm.Lk, dm.Hkv, dm.G, dm.Dv}).sum(3);
+  auto dk = G == 1 ? dkh : dkh.view({B, Lk, Hkv, G, D}).sum(3);
+  auto dv = G == 1 ? dvh : dvh.view({B, Lk, Hkv, G, Dv}).sum(3);
   if (coef) {
     dA = dA.sum(0).to(at::kFloat);
     dB = dB.sum(0).to(at::kFloat);
