@@ -880,6 +880,20 @@ T* thread_scratch(at::Tensor& all) {
   return all.data_ptr<T>() + omp_get_thread_num() * all.size(1);
 }
 
+// Inside a parallel region: encoding tables, then q blocks, k tiles and v tiles in the kernels' layouts.
+// Ends with a barrier: every operand is ready for the attention loops.
+template <class T>
+void prepare_operands(const Plan<T>& c, const T* qd, const T* kd, const T* vd, T* mine) {
+  const Dims& dm = c.dm;
+  fill_tables<T>(c);
+#pragma omp for schedule(dynamic, 1) nowait
+  for (int64_t item = 0; item < dm.B * dm.H * c.nqb; ++item) prep_q_block<T>(c, qd, item);
+#pragma omp for schedule(dynamic, 1) nowait
+  for (int64_t item = 0; item < dm.B * c.Hke * c.nkt; ++item) prep_k_tile<T>(c, kd, item, mine);
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t item = 0; item < dm.B * dm.Hkv * c.nkt; ++item) prep_v_tile<T>(c, vd, item, mine);
+}
+
 template <class T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_pos,
                   const at::Tensor& k_pos, const EncParams& p, bool causal, double scale, T* out, T* lse) {
@@ -892,13 +906,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 #pragma omp parallel num_threads(nth)
   {
     T* mine = thread_scratch<T>(scratch);
-    fill_tables<T>(c);
-#pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t item = 0; item < dm.B * dm.H * c.nqb; ++item) prep_q_block<T>(c, qd, item);
-#pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t item = 0; item < dm.B * c.Hke * c.nkt; ++item) prep_k_tile<T>(c, kd, item, mine);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < dm.B * dm.Hkv * c.nkt; ++item) prep_v_tile<T>(c, vd, item, mine);
+    prepare_operands<T>(c, qd, kd, vd, mine);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < dm.B * dm.H * c.nqb; ++item) forward_block<T>(c, item, mine, out, lse);
   }
@@ -921,15 +929,9 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 #pragma omp parallel num_threads(nth)
   {
     T* mine = thread_scratch<T>(scratch);
-    fill_tables<T>(c);
-#pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t item = 0; item < dm.B * dm.H * c.nqb; ++item) prep_q_block<T>(c, qd, item);
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t item = 0; item < dm.B * dm.H * c.nqb; ++item) prep_do_block<T>(c, dod, od, item);
-#pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t item = 0; item < dm.B * c.Hke * c.nkt; ++item) prep_k_tile<T>(c, kd, item, mine);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < dm.B * dm.Hkv * c.nkt; ++item) prep_v_tile<T>(c, vd, item, mine);
+    prepare_operands<T>(c, qd, kd, vd, mine);  // ends with a barrier, which also covers dO
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < dm.B * dm.H * c.nsplit; ++item) {
       backward_item<T>(c, item, mine, lse, dvh);
