@@ -169,5 +169,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_posenc native kernels (C++ CPU, CUDA when built with it)";
   m.def("forward", &fused_posenc::forward, "attention forward -> [out, lse]");
   m.def("backward", &fused_posenc::backward, "attention backward -> [dq, dk, dv, dcos_coef, dsin_coef]");
+  m.def("cpu_vector_bytes", &fused_posenc::cpu_vector_bytes,
+        "width in bytes of the CPU kernels' explicit vectors (64 AVX-512, 32 AVX2, 16 SSE)");
   m.def("has_cuda", &fused_posenc::has_cuda, "whether the extension was built with CUDA kernels");
 }

@@ -27,6 +27,9 @@ struct EncHolder {
 };
 EncHolder make_enc(const EncTensors& in, const at::Device& device, int64_t headdim, int64_t nheads, bool want_f64);
 
+// width in bytes of the explicit vectors the CPU kernels use (64 AVX-512, 32 AVX2, 16 SSE)
+int cpu_vector_bytes();
+
 // forward: out (B, Lq, H, Dv) in q's dtype, lse (B, H, Lq) float32 (float64 for float64 inputs)
 std::tuple<at::Tensor, at::Tensor> cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                const at::Tensor& q_pos, const at::Tensor& k_pos, const EncHolder& enc,

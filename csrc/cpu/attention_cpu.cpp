@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -34,7 +35,7 @@ namespace {
 // vector code (matmul, row reductions) uses vectors of that width: GCC lowers wider ones through the stack.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FUSED_POSENC_NO_CLONES)
 #define FPE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-const int kVecBytes = [] {
+int widest_vector_bytes() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512cd") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
@@ -43,17 +44,29 @@ const int kVecBytes = [] {
       __builtin_cpu_supports("bmi2"))
     return 32;
   return 16;
-}();
+}
 #else
 #define FPE_CPU_CLONES
+int widest_vector_bytes() {
 #if defined(__AVX512F__)
-constexpr int kVecBytes = 64;
+  return 64;
 #elif defined(__AVX2__)
-constexpr int kVecBytes = 32;
+  return 32;
 #else
-constexpr int kVecBytes = 16;
+  return 16;
 #endif
+}
 #endif
+// FUSED_POSENC_CPU_VECTOR_BYTES=16 or 32 (read once, at load) narrows the explicit vectors below what the CPU has:
+// the tests run the AVX2 and SSE code paths on an AVX-512 machine that way.
+const int kVecBytes = [] {
+  int w = widest_vector_bytes();
+  if (const char* env = std::getenv("FUSED_POSENC_CPU_VECTOR_BYTES")) {
+    const int want = std::atoi(env);
+    if (want == 16 || want == 32 || want == 64) w = std::min(w, want);
+  }
+  return w;
+}();
 #define FPE_INLINE inline __attribute__((always_inline))
 
 constexpr int BQ = 64;  // query rows per block
@@ -946,6 +959,8 @@ at::ScalarType compute_type(const at::Tensor& q) {
 }
 
 }  // namespace
+
+int cpu_vector_bytes() { return kVecBytes; }
 
 std::tuple<at::Tensor, at::Tensor> cpu_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                                const at::Tensor& q_pos_in, const at::Tensor& k_pos_in,
