@@ -14,6 +14,8 @@ Shapes and conventions (all backends):
 """
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -78,6 +80,8 @@ def prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions) 
         _check_tensor(name, t)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if q.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"q, k, v must be CPU or CUDA tensors, got device {q.device}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
     b, lq, h, d = q.shape
@@ -93,8 +97,8 @@ def prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions) 
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if softmax_scale is not None:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+            raise TypeError(f"softmax_scale must be a real number or None, got {type(softmax_scale).__name__}")
         if not softmax_scale > 0 or softmax_scale == float("inf"):
             raise ValueError(f"softmax_scale must be a finite positive number, got {softmax_scale}")
         softmax_scale = float(softmax_scale)

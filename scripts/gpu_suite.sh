@@ -4,7 +4,12 @@
 #   bash scripts/gpu_suite.sh [tests] [native] [probe] [bench] [demo]     (default: all of them)
 #
 # Env: SKIP_EXT=1 (no C++/CUDA build), TEST_TIMEOUT (s, per pytest step), BENCH_BUDGET (s),
-#      BENCH_ARGS (extra benchmarks/run.py args), PROBE_SEQLENS (e.g. 1024,4096).
+#      BENCH_ARGS (extra benchmarks/run.py args), PROBE_SEQLENS (e.g. 1024,4096),
+#      SUITE_BUDGET (s, default 560: the device tool stops a command at 600 s). Every step's timeout is cut to
+#      what is left of the budget; a step with less than 30 s left is not started and fails the run, so
+#      split a long run into calls: `bash scripts/gpu_suite.sh tests`, then `native probe`, then `bench demo`.
+# Exit status: nonzero if any step failed, timed out or was not started (install, tests, a CUDA extension
+# built without CUDA, probe, bench, demo).
 # What comes back (the device tool returns at most 8 files): $OUT/summary.txt (one line per step),
 # $OUT/env.txt, $OUT/bench.csv, $OUT/bench.md, $OUT/probe.csv, and $OUT/logs.tgz with every log.
 # Wheels of missing pure-Python packages (liger-kernel, pytest-xdist) may be carried in .whl/.
@@ -15,6 +20,13 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 steps=${*:-tests native probe bench demo}
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
+t0=$(date +%s)
+left() {  # seconds a step may take: min(its own limit, what is left of SUITE_BUDGET)
+  local l=$(( ${SUITE_BUDGET:-560} - ($(date +%s) - t0) ))
+  [ "$1" -lt "$l" ] && l=$1
+  echo "$l"
+}
+rc=0
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
@@ -30,16 +42,18 @@ fi
 start=$(date +%s)
 MAX_JOBS=16 FUSED_POSENC_CUDA_ARCHS=${FUSED_POSENC_CUDA_ARCHS:-90} \
   python3 -m pip install -q --no-deps --no-build-isolation -e . > "$LOGS/install.log" 2>&1
-summary "install rc=$? ($(( $(date +%s) - start ))s)"
+r=$?; rc=$((rc | r))
+summary "install rc=$r ($(( $(date +%s) - start ))s)"
+python3 -c "import fused_posenc._C as c; print('extension has_cuda', c.has_cuda(), 'cpu_vector_bytes', c.cpu_vector_bytes())" \
+  >> "$OUT/env.txt" 2>&1 || echo "extension not importable" >> "$OUT/env.txt"
 
 # pytest-xdist when present (carried as a wheel or installed), else one process
 XDIST=""
 python3 -c "import xdist" 2> /dev/null && XDIST="-n 8"
 
-rc=0
 run_pytest() {  # name, pytest args...
   local name=$1; shift
-  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -rfEs -p no:cacheprovider $XDIST "$@" > "$LOGS/pytest_$name.log" 2>&1
+  timeout "$(left "${TEST_TIMEOUT:-420}")" python3 -m pytest -q -rfEs -p no:cacheprovider $XDIST "$@" > "$LOGS/pytest_$name.log" 2>&1
   local r=$?
   rc=$((rc | r))
   summary "pytest $name rc=$r: $(tail -1 "$LOGS/pytest_$name.log")"
@@ -47,23 +61,30 @@ run_pytest() {  # name, pytest args...
 }
 
 for s in $steps; do
+  if [ "$(left 30)" -lt 30 ]; then summary "$s not started: SUITE_BUDGET spent"; rc=1; continue; fi
   case $s in
-    tests)  FUSED_POSENC_AUTOTUNE=${FUSED_POSENC_AUTOTUNE:-0} run_pytest triton tests -k "triton" ;;
-    native) run_pytest native tests/test_native_cuda.py tests/test_native_cpu.py ;;
+    # the AOT compile test is a CPU-only check (CI runs it); the GPU compiles the kernels for real
+    tests)  FUSED_POSENC_AUTOTUNE=${FUSED_POSENC_AUTOTUNE:-0} run_pytest triton tests -k "triton and not aot" ;;
+    native)
+      if ! python3 -c "import fused_posenc._C as c, sys; sys.exit(0 if c.has_cuda() else 1)" 2> /dev/null; then
+        summary "native: the extension was built without CUDA kernels (see install.log)"; rc=1
+      fi
+      run_pytest native tests/test_native_cuda.py tests/test_native_cpu.py ;;
     probe)
-      timeout "${PROBE_TIMEOUT:-200}" python3 scripts/gpu_probe.py --seqlens "${PROBE_SEQLENS:-1024,4096}" \
+      timeout "$(left "${PROBE_TIMEOUT:-200}")" python3 scripts/gpu_probe.py --seqlens "${PROBE_SEQLENS:-1024,4096}" \
         --csv "$OUT/probe.csv" > "$LOGS/probe.log" 2>&1
-      summary "probe rc=$?"; grep -v Warn "$LOGS/probe.log" | tail -40 ;;
+      r=$?; rc=$((rc | r)); summary "probe rc=$r"; grep -v Warn "$LOGS/probe.log" | tail -40 ;;
     bench)
-      python3 benchmarks/run.py --preset gpu-quick --time-budget "${BENCH_BUDGET:-300}" ${BENCH_ARGS:-} \
+      b=$(left "${BENCH_BUDGET:-300}")
+      timeout "$((b + 20))" python3 benchmarks/run.py --preset gpu-quick --time-budget "$b" ${BENCH_ARGS:-} \
         --out "$OUT/bench.csv" > "$LOGS/bench.log" 2>&1
-      summary "bench rc=$?"
+      r=$?; rc=$((rc | r)); summary "bench rc=$r"
       [ -f "$OUT/bench.csv.skips.txt" ] && mv "$OUT/bench.csv.skips.txt" "$LOGS/"
       python3 benchmarks/summary.py "$OUT/bench.csv" --out "$OUT/bench.md" > /dev/null 2>&1
       tail -30 "$OUT/bench.md" 2> /dev/null ;;
     demo)
-      timeout 180 python3 -m fused_posenc > "$LOGS/demo.log" 2>&1
-      summary "demo rc=$? $(tail -1 "$LOGS/demo.log")" ;;
+      timeout "$(left 180)" python3 -m fused_posenc > "$LOGS/demo.log" 2>&1
+      r=$?; rc=$((rc | r)); summary "demo rc=$r $(tail -1 "$LOGS/demo.log")" ;;
     *) summary "unknown step $s"; rc=1 ;;
   esac
 done

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Install fused_posenc from this checkout (CPU torch, no CUDA download) and run the test suite.
+# Install fused_posenc from this checkout (scripts/install.sh) and run the test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q "torch==2.13.0" "triton>=3.6,<3.10" ninja pybind11 pytest pytest-benchmark
-python -m pip install -q --no-build-isolation -e .
+bash scripts/install.sh
 python -m pytest -q tests "$@"

@@ -297,7 +297,7 @@ def test_bad_softmax_scale_value(attn, scale):
 @pytest.mark.parametrize("scale", ["0.1", True, torch.tensor(0.1)])
 def test_bad_softmax_scale_type(attn, scale):
     q, k, v = qkv()
-    with pytest.raises(TypeError, match="softmax_scale must be a float or None"):
+    with pytest.raises(TypeError, match="softmax_scale must be a real number or None"):
         attn(q, k, v, "rope", softmax_scale=scale)
 
 
@@ -335,3 +335,28 @@ def test_error_before_any_work_is_value_error_not_assert():
     with pytest.raises(ValueError):
         reference_attention(q, k, v, RoPE(rotary_dim=6))
     assert math.isfinite(reference_attention(q, k, v, RoPE(rotary_dim=4)).sum().item())
+
+
+def test_hugging_face_scaling_keys():
+    # transformers configs carry both 'type' and 'rope_type'; they must agree
+    cfg = {"type": "yarn", "rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16}
+    assert RoPE(scaling=cfg).scaling["type"] == "yarn"
+    assert RoPE(scaling={"rope_type": "linear", "factor": 2.0}).scaling["type"] == "linear"
+    with pytest.raises(ValueError, match="disagree"):
+        RoPE(scaling={"type": "linear", "rope_type": "ntk", "factor": 2.0})
+    with pytest.raises(ValueError, match="'dynamic'.*not supported"):
+        RoPE(scaling={"rope_type": "dynamic", "factor": 2.0})
+
+
+def test_device_other_than_cpu_or_cuda():
+    q = torch.randn(1, 4, 2, 8, device="meta")
+    with pytest.raises(ValueError, match="must be CPU or CUDA tensors"):
+        fused_attention(q, q, q, "rope")
+
+
+def test_softmax_scale_accepts_numpy_scalars():
+    import numpy as np
+    q = torch.randn(1, 4, 2, 8, dtype=torch.float64)
+    out = fused_attention(q, q, q, "rope", softmax_scale=np.float32(0.25), backend="torch")
+    ref = fused_attention(q, q, q, "rope", softmax_scale=float(np.float32(0.25)), backend="torch")
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

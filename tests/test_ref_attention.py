@@ -6,7 +6,7 @@ import torch
 
 from fused_posenc import (ALiBi, FoPE, HoPE, RoPE, TAPA, apply_rotary, fused_attention, get_encoding,
                           reference_attention)
-from tests.helpers import make_qkv
+from helpers import make_qkv
 
 ENCODINGS = ["none", "rope", "hope", "fope", "alibi", "tapa"]
 

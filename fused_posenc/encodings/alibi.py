@@ -17,7 +17,7 @@ def alibi_slopes(nheads: int) -> torch.Tensor:
     """The official ALiBi slopes for ``nheads`` heads, float32 ``(nheads,)``.
 
     Power of two ``H``: ``2^(-8h/H)``, h = 1..H. Otherwise the slopes of ``c = 2^floor(log2 H)``
-    heads, then the odd-indexed (0, 2, 4, ... positions) slopes of ``2c`` heads until there are H.
+    heads, then every other slope of the ``2c``-head list (0-based indices 0, 2, 4, ...) until there are H.
     """
     if nheads <= 0:
         raise ValueError(f"nheads must be positive, got {nheads}")

@@ -45,7 +45,8 @@ class FoPE(nn.Module, Encoding):
         sigma: gain of the xavier-normal initialisation (0 gives RoPE on the kept frequencies).
         learnable: make ``cos_coef``/``sin_coef`` trainable (``False``, the authors' default).
         cos_coef, sin_coef: explicit ``(Hc, Dk, Dout)`` tensors (e.g. from a checkpoint).
-        seed: seed of the initialisation (a private generator; the global RNG is untouched).
+        seed: seed of a private generator for the initialisation (the global RNG is untouched);
+            ``None`` draws from torch's global RNG, like any ``nn.Module`` initialisation.
 
     Attributes ``cos_coef``/``sin_coef`` are ``nn.Parameter`` ``(Hc, Dk, Dout)`` float32 and live in
     the state dict either way.

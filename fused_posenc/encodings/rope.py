@@ -1,6 +1,6 @@
 """RoPE and its frequency rescalings (linear, NTK, YaRN, Llama 3.1).
 
-Derivation notes (the spec is ``shared/spec/encodings.md``):
+Derivation notes (the spec is the project's ``encodings.md``, kept beside this repository in ``../shared/spec/``):
 
 * ``theta_i = base^(-2i/d)`` over the rotated width ``d`` (HF's partial-rotary convention).
 * Each pair ``(x1, x2)`` at position ``p`` becomes ``(x1 cos - x2 sin, x2 cos + x1 sin)`` with
@@ -24,7 +24,7 @@ _SCALING_KEYS = {
     "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"},
     "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"},
 }
-_ALIASES = {"dynamic": "ntk", "ntk-aware": "ntk", "llama-3": "llama3", "llama3.1": "llama3"}
+_ALIASES = {"ntk-aware": "ntk", "llama-3": "llama3", "llama3.1": "llama3"}
 
 
 def _normalise_scaling(scaling) -> Optional[dict]:
@@ -33,10 +33,16 @@ def _normalise_scaling(scaling) -> Optional[dict]:
     if not isinstance(scaling, dict):
         raise TypeError(f"scaling must be None or a dict like {{'type': 'yarn', 'factor': 4.0}}, got {type(scaling).__name__}")
     s = dict(scaling)
-    kind = s.pop("type", None) or s.pop("rope_type", None)
-    if kind is None:
+    kinds = {_ALIASES.get(str(s[key]).lower(), str(s[key]).lower()) for key in ("type", "rope_type") if key in s}
+    s.pop("type", None), s.pop("rope_type", None)
+    if not kinds:
         raise ValueError("scaling needs a 'type': one of 'linear', 'ntk', 'yarn', 'llama3'")
-    kind = _ALIASES.get(str(kind).lower(), str(kind).lower())
+    if len(kinds) > 1:
+        raise ValueError(f"scaling['type'] and scaling['rope_type'] disagree: {sorted(kinds)}")
+    (kind,) = kinds
+    if kind == "dynamic":
+        raise ValueError("scaling type 'dynamic' (Hugging Face's dynamic NTK, which changes the frequencies only "
+                         "past max_position_embeddings) is not supported; 'ntk' is the static NTK-aware scaling")
     if kind not in _SCALING_KEYS:
         raise ValueError(f"scaling type must be one of 'linear', 'ntk', 'yarn', 'llama3', got {kind!r}")
     unknown = set(s) - _SCALING_KEYS[kind]

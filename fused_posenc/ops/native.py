@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch.autograd.function import once_differentiable
 
 _KIND = {"none": 0, "rotary": 1, "fope": 2, "alibi": 3, "tapa": 4}
 
@@ -66,6 +67,7 @@ class NativeAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # no double backward: create_graph=True raises instead of dropping terms
     def backward(ctx, do):
         q, k, v, out, lse, q_pos, k_pos, cos_coef, sin_coef = ctx.saved_tensors
         args = list(ctx.enc_args)
