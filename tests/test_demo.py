@@ -1,6 +1,5 @@
 """The README's main job (python -m fused_posenc): checks pass on this machine's backends, the reference is
 listed as the oracle (timed, not checked), and a wrong backend makes it exit 1."""
-import pytest
 
 from fused_posenc import demo
 
