@@ -25,12 +25,13 @@ _BWD = {
     128: [(64, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)],
     256: [(32, 32, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (64, 32, 4, 2)],
 }
-# fp32 tiles are twice the bytes: smaller blocks (head dim 256 with 64 x 32 overflows an H100's 227 KiB of
-# shared memory in the backward with inline rotation, per scripts/triton_aot.py)
+# fp32 tiles are twice the bytes and fp32 dots run on FMAs, not tensor cores: smaller blocks, 8 warps first (the
+# 4-warp configs spill 1-45 KB/thread under ptxas -v; head dim 256 with 64 x 32 overflows an H100's 227 KiB of
+# shared memory in the backward with inline rotation), per scripts/triton_aot.py
 _FP32 = {
-    64: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)],
-    128: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)],
-    256: [(32, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)],
+    64: [(32, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2)],
+    128: [(32, 32, 8, 2), (64, 32, 8, 2), (16, 16, 4, 2), (32, 32, 4, 2)],
+    256: [(16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2), (32, 16, 4, 2)],
 }
 
 

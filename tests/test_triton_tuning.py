@@ -1,0 +1,38 @@
+"""The autotuning spaces: every config a launcher may ask for is offered, the pruner keeps the spaces of the
+call's head-dim class and dtype in their best-first order, and FUSED_POSENC_AUTOTUNE=0 keeps the first.
+Pure Python (no kernel runs); the GPU path is selected by unsetting TRITON_INTERPRET."""
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from fused_posenc.ops.triton import tuning  # noqa: E402
+
+NAMES = {"fwd": ("BLOCK_M", "BLOCK_N"), "bwd": ("BLOCK_N", "BLOCK_M")}
+
+
+def _key(cfg, names):
+    return cfg.kwargs[names[0]], cfg.kwargs[names[1]], cfg.num_warps, cfg.num_stages
+
+
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+@pytest.mark.parametrize("dtype", ["torch.float16", "torch.bfloat16", "torch.float32"])
+@pytest.mark.parametrize("p1,p2,dv,klass", [(32, 0, 64, 64), (64, 0, 64, 64), (40, 40, 80, 128), (64, 64, 128, 128),
+                                            (128, 128, 256, 256), (128, 0, 96, 128), (32, 32, 200, 256)])
+def test_pruner_keeps_the_class_space_in_order(monkeypatch, kind, dtype, p1, p2, dv, klass):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("FUSED_POSENC_AUTOTUNE", raising=False)
+    names = NAMES[kind]
+    offered = tuning.configs(kind, names)
+    table = tuning._FP32 if dtype == "torch.float32" else tuning._FWD if kind == "fwd" else tuning._BWD
+    meta = {"BLOCK_P1": p1, "BLOCK_P2": p2, "BLOCK_DV": dv, "DTYPE_KEY": dtype}
+    kept = tuning.pruner(kind, names)["early_config_prune"](offered, meta)
+    assert [_key(c, names) for c in kept] == table[klass]
+    monkeypatch.setenv("FUSED_POSENC_AUTOTUNE", "0")
+    first = tuning.pruner(kind, names)["early_config_prune"](offered, meta)
+    assert [_key(c, names) for c in first] == table[klass][:1]
+
+
+def test_interpreter_runs_one_small_config(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (cfg,) = tuning.configs("fwd", NAMES["fwd"])
+    assert cfg.kwargs == {"BLOCK_M": 16, "BLOCK_N": 16}
