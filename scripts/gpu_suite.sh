@@ -44,8 +44,9 @@ MAX_JOBS=16 FUSED_POSENC_CUDA_ARCHS=${FUSED_POSENC_CUDA_ARCHS:-90} \
   python3 -m pip install -q --no-deps --no-build-isolation -e . > "$LOGS/install.log" 2>&1
 r=$?; rc=$((rc | r))
 summary "install rc=$r ($(( $(date +%s) - start ))s)"
-python3 -c "import fused_posenc._C as c; print('extension has_cuda', c.has_cuda(), 'cpu_vector_bytes', c.cpu_vector_bytes())" \
-  >> "$OUT/env.txt" 2>&1 || echo "extension not importable" >> "$OUT/env.txt"
+read -r HAS_CUDA VEC_BYTES <<< "$(python3 -c "import fused_posenc._C as c; print(c.has_cuda(), c.cpu_vector_bytes())" \
+  2> /dev/null || echo "not-importable -")"
+echo "extension has_cuda $HAS_CUDA cpu_vector_bytes $VEC_BYTES" >> "$OUT/env.txt"
 
 # pytest-xdist when present (carried as a wheel or installed), else one process
 XDIST=""
@@ -66,8 +67,8 @@ for s in $steps; do
     # the AOT compile test is a CPU-only check (CI runs it); the GPU compiles the kernels for real
     tests)  FUSED_POSENC_AUTOTUNE=${FUSED_POSENC_AUTOTUNE:-0} run_pytest triton tests -k "triton and not aot" ;;
     native)
-      if ! python3 -c "import fused_posenc._C as c, sys; sys.exit(0 if c.has_cuda() else 1)" 2> /dev/null; then
-        summary "native: the extension was built without CUDA kernels (see install.log)"; rc=1
+      if [ "$HAS_CUDA" != "True" ]; then
+        summary "native: the extension has no CUDA kernels (has_cuda: $HAS_CUDA; see install.log)"; rc=1
       fi
       run_pytest native tests/test_native_cuda.py tests/test_native_cpu.py ;;
     probe)

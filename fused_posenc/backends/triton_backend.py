@@ -23,11 +23,8 @@ POSITION_BOUND = 2**30
 def _positions_fit(*positions: torch.Tensor) -> bool:
     """Whether every position is in ``[-2^30, 2^30)``, so positions and their differences fit the kernels'
     int32 arithmetic. Costs one device sync, only for caller-given positions."""
-    for pos in positions:
-        mn, mx = torch.aminmax(pos)
-        if mn.item() < -POSITION_BOUND or mx.item() >= POSITION_BOUND:
-            return False
-    return True
+    lo, hi = torch.stack([torch.stack(torch.aminmax(pos)) for pos in positions]).T.tolist()  # one sync
+    return min(lo) >= -POSITION_BOUND and max(hi) < POSITION_BOUND
 
 
 class TritonBackend:

@@ -33,8 +33,11 @@ def _normalise_scaling(scaling) -> Optional[dict]:
     if not isinstance(scaling, dict):
         raise TypeError(f"scaling must be None or a dict like {{'type': 'yarn', 'factor': 4.0}}, got {type(scaling).__name__}")
     s = dict(scaling)
-    kinds = {_ALIASES.get(str(s[key]).lower(), str(s[key]).lower()) for key in ("type", "rope_type") if key in s}
-    s.pop("type", None), s.pop("rope_type", None)
+    kinds = set()
+    for key in ("type", "rope_type"):  # transformers configs carry both
+        if key in s:
+            name = str(s.pop(key)).lower()
+            kinds.add(_ALIASES.get(name, name))
     if not kinds:
         raise ValueError("scaling needs a 'type': one of 'linear', 'ntk', 'yarn', 'llama3'")
     if len(kinds) > 1:
