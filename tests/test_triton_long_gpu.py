@@ -5,10 +5,9 @@ import torch
 
 import fused_posenc as fp
 from helpers import assert_fa_close, forward_backward, make_qkv
-from triton_cases import HAS_TRITON
+from skips import skip_unless_triton
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON),
-                                                   reason="needs a CUDA device and triton")]
+pytestmark = [pytest.mark.gpu, skip_unless_triton(gpu_only=True)]
 
 
 def _check_long(encoding, lk, causal, dtype=torch.bfloat16, lq=64):

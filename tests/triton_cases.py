@@ -2,25 +2,21 @@
 fp32), else the CPU interpreter (fp16, fp32: the interpreter's bf16 ``tl.dot`` is wrong)."""
 import os
 
-import pytest
 import torch
 
 import fused_posenc as fp
 from helpers import check_against_reference
+from skips import import_problem, skip_unless_triton
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1" and not ON_GPU
 DTYPES = [torch.float16, torch.bfloat16, torch.float32] if ON_GPU else [torch.float16, torch.float32]
 
-try:
-    import triton  # noqa: F401
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    HAS_TRITON = False
+HAS_TRITON = import_problem("triton") is None
 
-needs_triton = pytest.mark.skipif(not HAS_TRITON or not (ON_GPU or INTERPRETED),
-                                  reason="needs triton and a CUDA device or TRITON_INTERPRET=1")
+# the reason names the real cause: triton missing or broken, numpy missing under the interpreter, no device
+needs_triton = skip_unless_triton()
 
 
 def triton_fn(q, k, v, encoding, **kw):
