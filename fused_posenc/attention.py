@@ -6,9 +6,12 @@ Shapes and conventions (all backends):
   ``v``: ``(batch, seqlen_k, nheads_kv, headdim_v)``; ``nheads % nheads_kv == 0`` (GQA/MQA: query
   head ``h`` reads kv head ``h // (nheads // nheads_kv)``). Any strides; inputs are never modified.
 * Output: ``(batch, seqlen_q, nheads, headdim_v)`` in q's dtype.
-* Positions: integer tensors ``(seqlen,)`` or ``(batch, seqlen)``. Defaults: ``k_positions =
-  arange(Lk)``, ``q_positions = arange(Lk - Lq, Lk)`` (bottom-right aligned, as when decoding with
-  a KV cache).
+* Positions: integer tensors ``(seqlen,)`` or ``(batch, seqlen)`` with values in ``[-2^62, 2^62)``
+  (checked: on the host for CPU tensors, by an asynchronous device assert for CUDA tensors; the
+  Triton kernels take ``[-2^30, 2^30)``). Defaults: ``k_positions = arange(Lk)``, ``q_positions =
+  arange(Lk - Lq, Lk)`` (bottom-right aligned, as when decoding with a KV cache). Rotation angles are
+  exact at every position (``encodings/angles.py``); ALiBi and TAPA distances ``|m - n|`` are exact
+  integers, rounded once to float32 (float64 for float64 inputs).
 * ``causal``: key ``n`` is visible to query ``m`` iff ``k_pos[n] <= q_pos[m]``; a query row that
   sees no key outputs zeros (and gets zero gradients), never NaN.
 """
@@ -22,6 +25,7 @@ from typing import Optional, Union
 import torch
 
 from .encodings import Encoding, get_encoding
+from .encodings.angles import check_positions_range
 from .encodings.fope import FoPE
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -65,13 +69,43 @@ def _positions(name: str, pos, batch: int, seqlen: int, default_start: int, devi
         raise TypeError(f"{name} must be an integer torch.Tensor or None, got {type(pos).__name__}")
     if pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor (int32/int64), got {pos.dtype}")
+    if pos.dtype == torch.uint64:  # values >= 2^63 would wrap in int64
+        raise TypeError(f"{name} must be a signed integer tensor (int32/int64), got torch.uint64")
     if pos.device != device:
         raise ValueError(f"{name} is on {pos.device} but q is on {device}")
     if pos.dim() == 1:
         pos = pos[None]
     if pos.dim() != 2 or pos.shape[1] != seqlen or pos.shape[0] not in (1, batch):
         raise ValueError(f"{name} must have shape ({seqlen},) or ({batch}, {seqlen}), got {tuple(pos.shape)}")
+    check_positions_range(name, pos)
     return pos.to(torch.int64)
+
+
+def _type_name(x) -> str:
+    t = type(x)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _as_bool(name: str, value) -> bool:
+    """A Python bool, or a NumPy bool scalar (``np.True_``), as a bool."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {_type_name(value)}")
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_TINY = 1.1754943508222875e-38  # smallest normal float32
+
+
+def _check_float32_scale(softmax_scale, effective: float) -> None:
+    """The kernels multiply scores by the scale in float32: it must be a normal float32 number (a subnormal
+    one keeps a few bits at most, one below 1.4e-45 rounds to 0, one above 3.4e38 to inf)."""
+    if not _FLOAT32_TINY <= effective <= _FLOAT32_MAX:
+        what = f"softmax_scale={softmax_scale}" if softmax_scale is not None else "the default softmax scale"
+        raise ValueError(f"{what} gives a score scale of {effective:g}, which float32 cannot represent as a normal "
+                         f"number: it must lie in [{_FLOAT32_TINY:g}, {_FLOAT32_MAX:g}]")
 
 
 def prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions) -> Problem:
@@ -94,16 +128,16 @@ def prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions) 
     hkv = k.shape[2]
     if h % hkv:
         raise ValueError(f"nheads ({h}) must be divisible by nheads_kv ({hkv})")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    causal = _as_bool("causal", causal)
     if softmax_scale is not None:
         if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
-            raise TypeError(f"softmax_scale must be a real number or None, got {type(softmax_scale).__name__}")
+            raise TypeError(f"softmax_scale must be a real number or None, got {_type_name(softmax_scale)}")
         if not softmax_scale > 0 or softmax_scale == float("inf"):
             raise ValueError(f"softmax_scale must be a finite positive number, got {softmax_scale}")
         softmax_scale = float(softmax_scale)
     enc = resolve_encoding(encoding, d, h)
     enc.validate(d, h, hkv, b)
+    _check_float32_scale(softmax_scale, enc.score_scale(d, softmax_scale))
     lk = k.shape[1]
     q_pos = _positions("q_positions", q_positions, b, lq, lk - lq, q.device)
     k_pos = _positions("k_positions", k_positions, b, lk, 0, q.device)

@@ -34,8 +34,8 @@ from fused_posenc.ops.triton.plan import pow2  # noqa: E402
 SMEM_LIMIT = {80: 166912, 90: 232448}  # opt-in shared memory per block (bytes): A100, H100/H200
 TL_DTYPE = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 TORCH_KEY = {"fp16": "torch.float16", "bf16": "torch.bfloat16", "fp32": "torch.float32"}
-FP32_PTRS = {"LSE", "DELTA", "FREQ", "FSCALE", "TC", "TS", "SLOPES", "DCK", "DSK", "DCQ", "DSQ"}
-I64_PTRS = {"QPOS", "KPOS", "POS"}
+FP32_PTRS = {"LSE", "DELTA", "FSCALE", "TC", "TS", "SLOPES", "DCK", "DSK", "DCQ", "DSQ"}
+I64_PTRS = {"QPOS", "KPOS", "POS", "FREQ"}  # FREQ: 64-bit turn fractions
 I32_PTRS = {"IDX1", "IDX2"}
 IO_PTRS = {"Q", "K", "V", "O", "DO", "DK", "DV_OUT", "DQ", "X", "Y"}
 FLOATS = {"scale", "phase", "alpha"}

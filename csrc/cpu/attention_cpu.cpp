@@ -102,13 +102,13 @@ FPE_INLINE void vstore(T* p, const Vec<T, VB>& v) {
 template <class T, int N>
 FPE_INLINE T hmax(const T* x) {  // max of the N bytes at x, N >= 2 elements
   if constexpr (N == 2 * sizeof(T)) {
-    return x[0] > x[1] ? x[0] : x[1];
+    return (x[0] > x[1]) | (x[0] != x[0]) ? x[0] : x[1];
   } else {
     typedef T V __attribute__((vector_size(N / 2)));
     V lo, hi;
     std::memcpy(&lo, x, sizeof(V));
     std::memcpy(&hi, x + N / 2 / sizeof(T), sizeof(V));
-    const V m = lo > hi ? lo : hi;
+    const V m = (lo > hi) | (lo != lo) ? lo : hi;  // NaN wins: a row with a NaN score is NaN, as in SDPA
     return hmax<T, N / 2>(reinterpret_cast<const T*>(&m));
   }
 }
@@ -117,7 +117,7 @@ FPE_INLINE T row_max(const T* s) {
   Vec<T, VB> m = vload<T, VB>(s);
   for (int64_t v = VB / sizeof(T); v < BK; v += VB / sizeof(T)) {
     const Vec<T, VB> x = vload<T, VB>(s + v);
-    m = x > m ? x : m;
+    m = (x > m) | (x != x) ? x : m;
   }
   return hmax<T, VB>(reinterpret_cast<const T*>(&m));
 }
@@ -205,9 +205,10 @@ FPE_INLINE T pick(bool c, T a, T b) {
   const I m = -static_cast<I>(c);
   return __builtin_bit_cast(T, (__builtin_bit_cast(I, a) & m) | (__builtin_bit_cast(I, b) & ~m));
 }
-// 2^n for integral n (|n| < 2^31): 0 below -126, inf above 127; clamped as an integer.
+// 2^n for integral n: 0 below -126, inf above 127 (and for NaN, whose product with the polynomial stays NaN);
+// clamped as a float first, so the conversion is always defined
 FPE_INLINE float exp2i(float n) {
-  const int32_t i = std::min(std::max(static_cast<int32_t>(n), -127), 128);
+  const int32_t i = static_cast<int32_t>(std::max(-127.f, std::min(128.f, n)));
   return __builtin_bit_cast(float, (i + 127) << 23);
 }
 // 2^t = 2^n * p(t - n), Cephes exp2f polynomial (~2 ulp)
@@ -297,9 +298,12 @@ struct Plan {
   int64_t Hke, Ht;             // heads of the encoded k (FoPE: one per query head); heads of the tables
   int64_t nsplit = 1;          // backward: a head's key tiles are shared among this many work items
   const int64_t *qpos, *kpos;  // (Bq, Lqp), (Bk, Lkp), zero-padded
-  // the key positions as doubles, for distances: AVX2 has no int64 -> float conversion. Exact below 2^52; beyond,
-  // |m - n| may differ from the integer one by a relative 1e-16 before it is rounded to T.
+  // the key positions minus pos_base as doubles, for distances (AVX2 has no int64 -> float conversion): exact, and
+  // so are their differences, while every position of the call lies within 2^53 of pos_base; else (`wide`) the
+  // distances are formed in int64 (exact for positions in [-2^62, 2^62)) and rounded once.
   const double* kposd;
+  int64_t pos_base = 0;
+  bool wide = false;
   bool qpos_batched, kpos_batched;
   std::vector<int64_t> qmin, qmax, kmin, kmax;  // per (batch, query block) / (batch, key tile): causal tiles
   std::vector<uint8_t> qasc, kasc;               // whether positions ascend within the block / tile
@@ -322,6 +326,7 @@ struct Plan {
   T* delta = nullptr;              // (B, H, Lq) rowsum(dO * O) (backward)
   T* gq = nullptr;                 // (nsplit, B, H, Lqp, Dp) gradient w.r.t. encoded q, one per key-tile share
   T* gk = nullptr;                 // (B, H, Lkp, Dp) gradient w.r.t. encoded k, per query head
+  double* dslope = nullptr;        // ALiBi with slope gradients: (B * H * nsplit) partial sums, one per work item
 
   bool visible(int64_t b, int64_t qb, int64_t kt_) const {
     return !causal || kmin[(kpos_batched ? b : 0) * nkt + kt_] <= qmax[(qpos_batched ? b : 0) * nqb + qb];
@@ -372,15 +377,15 @@ FPE_CPU_CLONES void table_row(const Plan<T>& c, int64_t r) {
   const int64_t pos = c.tpos[r], P = p.npairs;
   if (p.kind == ENC_ROTARY) {
     T *tc = c.tc + r * P, *ts = c.ts + r * P;
-    if (sizeof(T) == 8 && p.pair_freqs_f64 != nullptr)
-      for (int64_t j = 0; j < P; ++j) rotary_cos_sin<T, double>(pos, p.pair_freqs_f64[j], p.pair_scale_f64[j], tc[j], ts[j]);
-    else
-      for (int64_t j = 0; j < P; ++j) rotary_cos_sin<T, float>(pos, p.pair_freqs[j], p.pair_scale[j], tc[j], ts[j]);
+    for (int64_t j = 0; j < P; ++j) {
+      const T sc = sizeof(T) == 8 && p.pair_scale_f64 != nullptr ? static_cast<T>(p.pair_scale_f64[j]) : p.pair_scale[j];
+      rotary_cos_sin<T>(pos, p.pair_turns + 2 * j, sc, tc[j], ts[j]);
+    }
     return;
   }
   const int64_t dk = p.fope_dk;
   const T *ck = c.bc + r * dk, *sk = c.bs + r * dk;
-  fope_basis<T>(pos, (int)dk, p.fope_freqs, c.bc + r * dk, c.bs + r * dk);
+  fope_basis<T>(pos, (int)dk, p.fope_turns, c.bc + r * dk, c.bs + r * dk);
   for (int64_t h = 0; h < c.Ht; ++h) {  // fope_cos_sin_basis for all pairs at once (the same sums, pairs innermost)
     T *tc = c.tc + (r * c.Ht + h) * P, *ts = c.ts + (r * c.Ht + h) * P;
     const float *a = p.fope_cos_coef + h * dk * P, *b = p.fope_sin_coef + h * dk * P;
@@ -467,11 +472,14 @@ FPE_INLINE void tapa_score(T om, T sc, T* s, T* x, T* y, int j) {
 // dS in the gradients of q_A.k_A (scale cos psi) and of q_P.k_P (-amp sin psi Omega); om is Omega of the row's
 // keys from the per-call table (Plan::omega_run), or null to compute it. No float op sits under a condition (GCC
 // would not vectorize the loop for AVX2).
+// |a - b| for positions in [-2^62, 2^62), formed exactly in int64, then rounded to double once
+FPE_INLINE double wide_distance(int64_t a, int64_t b) { return static_cast<double>(a >= b ? a - b : b - a); }
+
 template <class T, bool GRAD>
 FPE_INLINE void score_row(const Plan<T>& c, int64_t qp, const int64_t* kp, const double* kpd, const T* om, int nk,
                           bool mask, T slope, T* s, T* x, T* y) {
   const T sc = c.scale;
-  const double qpd = static_cast<double>(qp);
+  const double qpd = static_cast<double>(qp - c.pos_base);
   if (c.tapa && om != nullptr) {
 #pragma omp simd
     for (int j = 0; j < BK; ++j) tapa_score<T, GRAD>(om[j], sc, s, x, y, j);
@@ -479,14 +487,20 @@ FPE_INLINE void score_row(const Plan<T>& c, int64_t qp, const int64_t* kp, const
     const T ps = static_cast<T>(c.p.tapa_phase_scale), al = static_cast<T>(c.p.tapa_alpha);
     const PowExp pe(static_cast<float>(c.p.tapa_alpha));
     const T ahi = pe.hi, alo = pe.lo;
+    auto omega = [&](double d) { return pick(d != 0., ps * vpow(static_cast<T>(d), al, ahi, alo), T(0)); };
+    if (c.wide) {
+      for (int j = 0; j < BK; ++j) tapa_score<T, GRAD>(omega(wide_distance(qp, kp[j])), sc, s, x, y, j);
+    } else {
 #pragma omp simd
-    for (int j = 0; j < BK; ++j) {
-      const double d = std::fabs(qpd - kpd[j]);
-      tapa_score<T, GRAD>(pick(d != 0., ps * vpow(static_cast<T>(d), al, ahi, alo), T(0)), sc, s, x, y, j);
+      for (int j = 0; j < BK; ++j) tapa_score<T, GRAD>(omega(std::fabs(qpd - kpd[j])), sc, s, x, y, j);
     }
   } else if (c.p.kind == ENC_ALIBI) {
+    if (c.wide) {
+      for (int j = 0; j < BK; ++j) s[j] = s[j] * sc - slope * static_cast<T>(wide_distance(qp, kp[j]));
+    } else {
 #pragma omp simd
-    for (int j = 0; j < BK; ++j) s[j] = s[j] * sc - slope * static_cast<T>(std::fabs(qpd - kpd[j]));
+      for (int j = 0; j < BK; ++j) s[j] = s[j] * sc - slope * static_cast<T>(std::fabs(qpd - kpd[j]));
+    }
   }  // else the scale stays in the softmax: exp(scale * s - m), see Plan::exp_scale
   if (!mask) return;
   const T ninf = -std::numeric_limits<T>::infinity();
@@ -605,7 +619,8 @@ FPE_CPU_CLONES void forward_block(const Plan<T>& c, int64_t item, T* scratch, T*
     for (int i = 0; i < nq; ++i) {  // online softmax: S becomes P = exp(s - m_new), O is rescaled by corr
       T* s = S + i * BK;
       score_row<T, false>(c, qp[i], kp, kpd, c.omega_run(b, kt, qp[i], kp[0]), nk, mask, slope, s, X + i * BK, nullptr);
-      const T mx = std::max(m[i], esc * row_max(s));  // esc > 0: the max of the scaled scores
+      const T rm = esc * row_max(s);  // esc > 0: the max of the scaled scores
+      const T mx = (rm > m[i]) | (rm != rm) ? rm : m[i];  // NaN propagates (std::max would drop it)
       if (mx == ninf) {  // nothing visible yet
         std::fill(s, s + BK, T(0));
         corr[i] = 1;
@@ -634,13 +649,30 @@ FPE_CPU_CLONES void forward_block(const Plan<T>& c, int64_t item, T* scratch, T*
     T sum = 0;
     for (int64_t e = 0; e < kW<T>; ++e) sum += l[i * kW<T> + e];
     T* o = out + ((b * dm.Lq + i0 + i) * dm.H + h) * dm.Dv;
-    const T inv = sum > T(0) ? T(1) / sum : T(0);  // rows that see no key: zeros, lse -inf
+    // rows that see no key (sum 0): zeros, lse -inf; a NaN row stays NaN (its sum is NaN)
+    const T inv = sum == T(0) ? T(0) : T(1) / sum;
     for (int64_t e = 0; e < dm.Dv; ++e) o[e] = O[i * Dvp + e] * inv;
-    lse[(b * dm.H + h) * dm.Lq + i0 + i] = sum > T(0) ? m[i] + std::log(sum) : ninf;
+    lse[(b * dm.H + h) * dm.Lq + i0 + i] = sum == T(0) ? ninf : m[i] + std::log(sum);
   }
 }
 
 // ---- backward: a share of the key tiles of one (batch, head) ------------------------------------------------
+// ALiBi: this row's share of dL/dslope = -sum_n dS_n |m - n|, with dS = P (dP - delta) from the row's scores s
+// (slope bias included) and dP = dO v_n in dp, before they become P and dS.
+template <class T>
+FPE_INLINE double alibi_dslope_row(const Plan<T>& c, int64_t qp, const int64_t* kp, const double* kpd, const T* s,
+                                   const T* dp, T L, T dl) {
+  if (L == -std::numeric_limits<T>::infinity()) return 0;  // the row sees no key
+  const double qpd = static_cast<double>(qp - c.pos_base);
+  double acc = 0;
+  for (int j = 0; j < BK; ++j) {
+    const T pj = vexp(s[j] - L);
+    if (pj == T(0)) continue;  // invisible keys (s = -inf) and padding
+    acc += static_cast<double>(pj * (dp[j] - dl)) * (c.wide ? wide_distance(qp, kp[j]) : std::fabs(qpd - kpd[j]));
+  }
+  return -acc;
+}
+
 template <class T>
 int64_t backward_scratch(const Plan<T>& c) {
   return std::max(4 * BQ * BK + BK * c.Dp + BK * c.Dvp, BK * std::max(c.Dp, c.Dvp)) + c.Dp + 2 * c.p.npairs;
@@ -659,6 +691,7 @@ FPE_CPU_CLONES void backward_item(const Plan<T>& c, int64_t item, T* scratch, co
   const T* delta = c.delta + (b * dm.H + h) * dm.Lq;
   T* gq = c.gq + ((share * dm.B + b) * dm.H + h) * c.Lqp * Dp;
   std::fill(gq, gq + c.Lqp * Dp, T(0));
+  double dslope_acc = 0;
   for (int64_t kt = share; kt < c.nkt; kt += c.nsplit) {
     std::fill(dK, dK + BK * Dp, T(0));
     std::fill(dV, dV + BK * Dvp, T(0));
@@ -683,6 +716,7 @@ FPE_CPU_CLONES void backward_item(const Plan<T>& c, int64_t item, T* scratch, co
       for (int i = 0; i < nq; ++i) {  // S becomes P, DP becomes dS (times the amplitude factor), X the phase part
         T *s = S + i * BK, *dp = DP + i * BK, *x = X + i * BK, *y = Y + i * BK;
         score_row<T, true>(c, qp[i], kp, kpd, c.omega_run(b, kt, qp[i], kp[0]), nk, mask, slope, s, x, y);
+        if (c.dslope) dslope_acc += alibi_dslope_row<T>(c, qp[i], kp, kpd, s, dp, lse_bh[i0 + i], delta[i0 + i]);
         const T L = lse_bh[i0 + i], dl = delta[i0 + i];
         if (L == ninf) {  // the row sees no key
           std::fill(s, s + BK, T(0));
@@ -725,6 +759,7 @@ FPE_CPU_CLONES void backward_item(const Plan<T>& c, int64_t item, T* scratch, co
     for (int j = 0; j < nk; ++j)
       std::copy(dV + j * Dvp, dV + j * Dvp + dm.Dv, dvh + ((b * dm.Lk + kt * BK + j) * dm.H + h) * dm.Dv);
   }
+  if (c.dslope) c.dslope[item] = dslope_acc;
 }
 
 // Gradients w.r.t. the encoded rows of one (batch, head) back to dq, dk (per query head) and FoPE's dA, dB.
@@ -789,9 +824,15 @@ Plan<T> make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   };
   c.qpos = i64(at::constant_pad_nd(q_pos, {0, c.Lqp - dm.Lq}, 0));
   c.kpos = i64(at::constant_pad_nd(k_pos, {0, c.Lkp - dm.Lk}, 0));
-  keep.push_back(keep.back().to(at::kDouble));
-  c.kposd = keep.back().data_ptr<double>();
   const int64_t *qp = q_pos.data_ptr<int64_t>(), *kp = k_pos.data_ptr<int64_t>();
+  if (q_pos.numel() > 0 && k_pos.numel() > 0) {  // distances: see Plan::kposd
+    const int64_t lo = std::min(*std::min_element(qp, qp + q_pos.numel()), *std::min_element(kp, kp + k_pos.numel()));
+    const int64_t hi = std::max(*std::max_element(qp, qp + q_pos.numel()), *std::max_element(kp, kp + k_pos.numel()));
+    c.pos_base = lo;
+    c.wide = static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo) >= (uint64_t(1) << 53);
+  }
+  keep.push_back((keep.back() - c.pos_base).to(at::kDouble));
+  c.kposd = keep.back().data_ptr<double>();
   c.qmin.assign(Bq * c.nqb, std::numeric_limits<int64_t>::max());
   c.qmax.assign(Bq * c.nqb, std::numeric_limits<int64_t>::min());
   c.kmin.assign(Bk * c.nkt, std::numeric_limits<int64_t>::max());
@@ -928,10 +969,16 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 template <class T>
 void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& out, const T* lse, const at::Tensor& q_pos, const at::Tensor& k_pos,
-                   const EncParams& p, bool causal, double scale, T* dq, T* dkh, T* dvh, T* dA, T* dB) {
+                   const EncParams& p, bool causal, double scale, T* dq, T* dkh, T* dvh, T* dA, T* dB,
+                   at::Tensor* dslopes) {
   const int nth = at::get_num_threads();
   std::vector<at::Tensor> keep;
-  const Plan<T> c = make_plan<T>(q, k, v, q_pos, k_pos, p, causal, scale, true, nth, keep);
+  Plan<T> c = make_plan<T>(q, k, v, q_pos, k_pos, p, causal, scale, true, nth, keep);
+  at::Tensor dslope_parts;
+  if (dslopes != nullptr) {
+    dslope_parts = at::zeros({c.dm.B * c.dm.H, c.nsplit}, q.options().dtype(at::kDouble));
+    c.dslope = dslope_parts.data_ptr<double>();
+  }
   at::Tensor scratch = at::empty({nth, round_up(backward_scratch(c), 16)}, q.options());
   const T *qd = q.data_ptr<T>(), *kd = k.data_ptr<T>(), *vd = v.data_ptr<T>();
   const T *dod = dout.data_ptr<T>(), *od = out.data_ptr<T>();
@@ -952,6 +999,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
       if (left[task].fetch_sub(1) == 1) decode_head<T>(c, task, qd, kd, dq, dkh, dA, dB, mine);
     }
   }
+  if (dslopes != nullptr) *dslopes = dslope_parts.sum(1).view({c.dm.B, c.dm.H}).to(at::kFloat);
 }
 
 at::ScalarType compute_type(const at::Tensor& q) {
@@ -981,7 +1029,7 @@ std::tuple<at::Tensor, at::Tensor> cpu_forward(const at::Tensor& q_in, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& q_pos_in, const at::Tensor& k_pos_in,
-    const EncHolder& enc, bool causal, double scale, bool want_coef_grad) {
+    const EncHolder& enc, bool causal, double scale, bool want_coef_grad, at::Tensor* dslopes) {
   const auto ct = compute_type(q_in);
   auto q = q_in.to(ct).contiguous(), k = k_in.to(ct).contiguous(), v = v_in.to(ct).contiguous();
   auto dout = dout_in.to(ct).contiguous(), out = out_in.to(ct).contiguous(), lse = lse_in.to(ct).contiguous();
@@ -1000,11 +1048,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backw
   if (ct == at::kDouble)
     backward_impl<double>(dout, q, k, v, out, lse.data_ptr<double>(), q_pos, k_pos, enc.p, causal, scale,
                           dq.data_ptr<double>(), dkh.data_ptr<double>(), dvh.data_ptr<double>(),
-                          coef ? dA.data_ptr<double>() : nullptr, coef ? dB.data_ptr<double>() : nullptr);
+                          coef ? dA.data_ptr<double>() : nullptr, coef ? dB.data_ptr<double>() : nullptr, dslopes);
   else
     backward_impl<float>(dout, q, k, v, out, lse.data_ptr<float>(), q_pos, k_pos, enc.p, causal, scale,
                          dq.data_ptr<float>(), dkh.data_ptr<float>(), dvh.data_ptr<float>(),
-                         coef ? dA.data_ptr<float>() : nullptr, coef ? dB.data_ptr<float>() : nullptr);
+                         coef ? dA.data_ptr<float>() : nullptr, coef ? dB.data_ptr<float>() : nullptr, dslopes);
   const auto dt = q_in.scalar_type();
   auto dk = G == 1 ? dkh : dkh.view({B, Lk, Hkv, G, D}).sum(3);
   auto dv = G == 1 ? dvh : dvh.view({B, Lk, Hkv, G, Dv}).sum(3);

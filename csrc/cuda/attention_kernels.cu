@@ -26,10 +26,10 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 
 __device__ __forceinline__ void tables(const EncParams& p, int64_t pos, int h, int j, float& c, float& s) {
   if (p.kind == ENC_ROTARY) {
-    rotary_cos_sin<float, float>(pos, p.pair_freqs[j], p.pair_scale[j], c, s);
+    rotary_cos_sin<float>(pos, p.pair_turns + 2 * j, p.pair_scale[j], c, s);
   } else {
     const int64_t off = (int64_t)h * p.fope_dk * p.npairs;
-    fope_cos_sin<float>(pos, j, p.fope_dk, p.npairs, p.fope_freqs, p.fope_cos_coef + off, p.fope_sin_coef + off,
+    fope_cos_sin<float>(pos, j, p.fope_dk, p.npairs, p.fope_turns, p.fope_cos_coef + off, p.fope_sin_coef + off,
                         p.fope_pad, c, s);
   }
 }
@@ -320,7 +320,7 @@ __global__ void decode_kernel(const float* g, const X* x, float* dx, const int64
       float dc, ds;
       rotate_pair_dtables<float>(to_f(xr[i1]), to_f(xr[i2]), gr[i1], gr[i2], dc, ds);
       for (int kk = 0; kk < p.fope_dk; ++kk) {
-        const float ang = (float)pos * p.fope_freqs[kk];
+        const float ang = (float)turn_angle(pos, p.fope_turns + 2 * kk);
         const int64_t o = ((int64_t)h * p.fope_dk + kk) * p.npairs + j;
         atomicAdd(dcos + o, cosf(ang) * dc);
         atomicAdd(dsin + o, sinf(ang) * ds);

@@ -30,10 +30,13 @@ class KernelParams:
     kind: one of ``KINDS``.
     idx1, idx2: ``(P,)`` int64 head-dim indices of the two halves of each rotated pair (rotary/fope).
     contiguous: ``idx1 == arange(P)`` and ``idx2 == arange(P, 2P)`` (the half layout over the full dim).
-    pair_freqs: ``(P,)`` float32 radians per position for each pair (0 = not rotated).
-    pair_scale: ``(P,)`` float32 multiplying both cos and sin (YaRN's attention factor on the
+    pair_freqs: ``(P,)`` float64 radians per position for each pair (0 = not rotated); the kernels use
+        ``pair_turns``, the same frequencies as exact turn fractions (``encodings/angles.py``):
+        ``(P, 2)`` int64 128-bit words (C++/CUDA) and ``pair_turns64`` ``(P,)`` int64 (Triton).
+    pair_scale: ``(P,)`` float64 multiplying both cos and sin (YaRN's attention factor on the
         rotated pairs), ones otherwise.
-    fope_freqs: ``(Dk,)`` float32 kept frequencies; fope_cos_coef / fope_sin_coef: ``(H, Dk, P)``
+    fope_freqs: ``(Dk,)`` float64 kept frequencies, ``fope_turns`` ``(Dk, 2)`` int64 their turn
+        fractions; fope_cos_coef / fope_sin_coef: ``(H, Dk, P)``
         float32, expanded to one slice per *query* head, zero for the padded pairs ``i >= Dout``;
         fope_pad: ``(P,)`` float32, 1 for padded pairs (whose ``C = S = 1``), 0 otherwise.
     slopes: ``(Bs, H)`` float32 ALiBi slopes, ``Bs`` in ``{1, batch}``.
@@ -46,8 +49,11 @@ class KernelParams:
     idx2: Optional[torch.Tensor] = None
     contiguous: bool = True
     pair_freqs: Optional[torch.Tensor] = None
+    pair_turns: Optional[torch.Tensor] = None
+    pair_turns64: Optional[torch.Tensor] = None
     pair_scale: Optional[torch.Tensor] = None
     fope_freqs: Optional[torch.Tensor] = None
+    fope_turns: Optional[torch.Tensor] = None
     fope_cos_coef: Optional[torch.Tensor] = None
     fope_sin_coef: Optional[torch.Tensor] = None
     fope_pad: Optional[torch.Tensor] = None

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .angles import exact_angles, turn_limbs, turns128
 from .base import Encoding, KernelParams, check_positive, half_pairs
 
 
@@ -73,7 +74,11 @@ class FoPE(nn.Module, Encoding):
         self.dk = freqs.numel()
         if self.dk == 0:
             raise ValueError(f"fope keeps no frequency: every omega_j < 2pi/train_len (train_len={train_len})")
-        self.register_buffer("freqs", freqs.to(torch.float32), persistent=False)
+        # float64 frequencies (a plain attribute: module.to(dtype) must not round them), and their exact turn
+        # fractions as int64 buffers that follow the module's device (encodings/angles.py)
+        self.freqs = freqs
+        self.register_buffer("turn_limbs", turn_limbs(freqs), persistent=False)  # (Dk, 8), PyTorch path
+        self.register_buffer("turns", turns128(freqs), persistent=False)  # (Dk, 2), C++/CUDA kernels
         shape = (num_heads, self.dk, self.dout)
         if (cos_coef is None) != (sin_coef is None):
             raise ValueError("pass both cos_coef and sin_coef, or neither")
@@ -130,13 +135,14 @@ class FoPE(nn.Module, Encoding):
                        dtype: torch.dtype, sum_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(C, S)`` of shape ``(Bp, T, Hc', D/2)`` for positions ``(Bp, T)`` and coefficients ``(Hc', Dk, Dout)``.
 
-        Angles ``positions * freqs`` are formed in ``dtype`` (float32, or float64 for float64 inputs), the
-        Fourier sums in ``sum_dtype`` (default ``dtype``), the result is ``dtype``; padded pairs are 1.
+        Angles ``positions * freqs`` are exact (reduced in turns, ``encodings/angles.py``) with float64 cos/sin;
+        the Fourier sums run in ``sum_dtype`` (default ``dtype``: float32, or float64 for float64 inputs), the
+        result is ``dtype``; padded pairs are 1.
         Differentiable w.r.t. the coefficients.
         """
         sum_dtype = sum_dtype or dtype
         dev = positions.device
-        ang = positions.to(dtype)[..., None] * self.freqs.to(device=dev, dtype=dtype)  # (Bp, T, Dk)
+        ang = exact_angles(positions, self.turn_limbs.to(dev))  # (Bp, T, Dk) float64
         c = torch.einsum("btk,hki->bthi", torch.cos(ang).to(sum_dtype), cos_coef.to(device=dev, dtype=sum_dtype))
         s = torch.einsum("btk,hki->bthi", torch.sin(ang).to(sum_dtype), sin_coef.to(device=dev, dtype=sum_dtype))
         pad = torch.ones(*c.shape[:3], self.head_dim // 2 - self.dout, dtype=dtype, device=dev)
@@ -153,7 +159,7 @@ class FoPE(nn.Module, Encoding):
         pad = torch.zeros(p, device=device)
         pad[self.dout:] = 1.0
         return KernelParams(kind="fope", idx1=idx1.to(device), idx2=idx2.to(device), contiguous=True,
-                            fope_freqs=self.freqs.to(device),
+                            fope_freqs=self.freqs.to(device), fope_turns=self.turns.to(device),
                             fope_cos_coef=torch.cat([a.detach().to(device), zeros], -1).contiguous(),
                             fope_sin_coef=torch.cat([b.detach().to(device), zeros], -1).contiguous(),
                             fope_pad=pad, fope_learnable=self.learnable)

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from .angles import exact_angles, turn_limbs, turns64, turns128
 from .base import Encoding, KernelParams, check_positive, half_pairs, is_contiguous_split
 
 _SCALING_KEYS = {
@@ -160,22 +161,21 @@ class RoPE(Encoding):
     def tables(self, positions, head_dim, nheads, nheads_kv, dtype):
         theta, att = self.frequencies(head_dim)
         d = self._d(head_dim)
-        # angles: float32 frequencies times integer positions, like every backend (float64 for float64)
-        theta = theta.to(dtype=dtype, device=positions.device)
-        ang = positions.to(dtype)[..., None] * theta  # (Bp, T, P)
-        scale = torch.ones_like(theta)
+        # exact angles (encodings/angles.py): pos * theta reduced in turns, in float64, for any position
+        ang = exact_angles(positions, turn_limbs(theta))  # (Bp, T, P) float64 in [-pi, pi)
+        scale = torch.ones(head_dim // 2, dtype=torch.float64, device=positions.device)
         scale[: d // 2] = att
-        cos, sin = torch.cos(ang) * scale, torch.sin(ang) * scale
+        cos, sin = (torch.cos(ang) * scale).to(dtype), (torch.sin(ang) * scale).to(dtype)
         return cos[:, :, None, :], sin[:, :, None, :]
 
     def kernel_params(self, head_dim, nheads, nheads_kv, batch, device) -> KernelParams:
         idx1, idx2 = self.pairs(head_dim)
         theta, att = self.frequencies(head_dim)
-        scale = torch.ones(head_dim // 2, dtype=torch.float32)
+        scale = torch.ones(head_dim // 2, dtype=torch.float64)
         scale[: self._d(head_dim) // 2] = att  # YaRN's factor scales the rotated pairs only
         return KernelParams(kind="rotary", idx1=idx1.to(device), idx2=idx2.to(device),
-                            contiguous=is_contiguous_split(idx1, idx2),
-                            pair_freqs=theta.to(device=device, dtype=torch.float32),
+                            contiguous=is_contiguous_split(idx1, idx2), pair_freqs=theta.to(device),
+                            pair_turns=turns128(theta).to(device), pair_turns64=turns64(theta).to(device),
                             pair_scale=scale.to(device))
 
     def __repr__(self):

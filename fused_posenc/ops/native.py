@@ -11,10 +11,9 @@ expansion (``repeat_interleave``/``expand``/``cat``) sums them back to the modul
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
-from torch.autograd.function import once_differentiable
+
+from .autograd_util import single_backward
 
 _KIND = {"none": 0, "rotary": 1, "fope": 2, "alibi": 3, "tapa": 4}
 
@@ -38,7 +37,7 @@ def _param_args(kp, cos_coef, sin_coef, device):
     def t(x):
         return e if x is None else x
 
-    return [_KIND[kp.kind], t(kp.idx1), t(kp.idx2), t(kp.pair_freqs), t(kp.pair_scale), t(kp.fope_freqs),
+    return [_KIND[kp.kind], t(kp.idx1), t(kp.idx2), t(kp.pair_turns), t(kp.pair_scale), t(kp.fope_turns),
             t(cos_coef), t(sin_coef), t(kp.fope_pad), t(kp.slopes), int(kp.tapa_split), float(kp.tapa_phase_scale),
             float(kp.tapa_alpha)]
 
@@ -48,36 +47,42 @@ def _launch_fwd(q, k, v, q_pos, k_pos, causal, scale, enc_args):
     return out, lse
 
 
-def _launch_bwd(do, q, k, v, out, lse, q_pos, k_pos, causal, scale, enc_args, want_coef):
-    return _ext().backward(do, q, k, v, out, lse, q_pos, k_pos, causal, scale, *enc_args, want_coef)
+def _launch_bwd(do, q, k, v, out, lse, q_pos, k_pos, causal, scale, enc_args, want_coef, want_slopes):
+    return _ext().backward(do, q, k, v, out, lse, q_pos, k_pos, causal, scale, *enc_args, want_coef, want_slopes)
 
 
 # --- autograd ------------------------------------------------------------------------------------------
 class NativeAttention(torch.autograd.Function):
-    """Inputs: q, k, v; FoPE's expanded coefficients ``(H, Dk, P)`` float32 (or empty tensors);
-    positions ``(Bp, L)`` int64; the remaining encoding arguments as plain values."""
+    """Inputs: q, k, v; FoPE's expanded coefficients ``(H, Dk, P)`` float32 (or empty tensors); ALiBi's
+    slopes ``(Bs, H)`` float32 (or an empty tensor); positions ``(Bp, L)`` int64; the remaining encoding
+    arguments as plain values."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cos_coef, sin_coef, q_pos, k_pos, causal, scale, enc_args):
+    def forward(ctx, q, k, v, cos_coef, sin_coef, slopes, q_pos, k_pos, causal, scale, enc_args):
         args = list(enc_args)
-        args[6], args[7] = cos_coef.detach(), sin_coef.detach()
+        args[6], args[7], args[9] = cos_coef.detach(), sin_coef.detach(), slopes.detach()
         out, lse = _launch_fwd(q.detach(), k.detach(), v.detach(), q_pos, k_pos, causal, scale, args)
-        ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, cos_coef, sin_coef)
+        ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, cos_coef, sin_coef, slopes)
         ctx.causal, ctx.scale, ctx.enc_args = causal, scale, enc_args
         return out
 
     @staticmethod
-    @once_differentiable  # no double backward: create_graph=True raises instead of dropping terms
+    @single_backward
     def backward(ctx, do):
-        q, k, v, out, lse, q_pos, k_pos, cos_coef, sin_coef = ctx.saved_tensors
+        q, k, v, out, lse, q_pos, k_pos, cos_coef, sin_coef, slopes = ctx.saved_tensors
         args = list(ctx.enc_args)
-        args[6], args[7] = cos_coef, sin_coef
+        args[6], args[7], args[9] = cos_coef, sin_coef, slopes
         want_coef = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        dq, dk, dv, dA, dB = _launch_bwd(do.contiguous(), q, k, v, out, lse, q_pos, k_pos, ctx.causal, ctx.scale,
-                                         args, want_coef)
+        want_slopes = ctx.needs_input_grad[5]
+        dq, dk, dv, dA, dB, dslopes = _launch_bwd(do.contiguous(), q, k, v, out, lse, q_pos, k_pos, ctx.causal,
+                                                  ctx.scale, args, want_coef, want_slopes)
         if not want_coef:
             dA = dB = None
-        return dq, dk, dv, dA, dB, None, None, None, None, None
+        if want_slopes:  # (B, H) -> the slopes' (Bs, H)
+            dslopes = dslopes.sum(0, keepdim=True) if slopes.shape[0] == 1 else dslopes
+        else:
+            dslopes = None
+        return dq, dk, dv, dA, dB, dslopes, None, None, None, None, None
 
 
 # --- public ----------------------------------------------------------------------------------------------
@@ -92,7 +97,7 @@ def native_attention(problem, name: str = "cpu") -> torch.Tensor:
     dev = p.q.device
     kp = enc.kernel_params(d, h, hkv, b, dev)
     scale = float(enc.score_scale(d, p.softmax_scale))
-    cos_coef = sin_coef = _empty(dev)
+    cos_coef = sin_coef = slopes = _empty(dev)
     if kp.kind == "fope":
         cos_coef, sin_coef = kp.fope_cos_coef, kp.fope_sin_coef
         if getattr(enc, "learnable", False) and torch.is_grad_enabled():
@@ -100,12 +105,8 @@ def native_attention(problem, name: str = "cpu") -> torch.Tensor:
             pad = torch.zeros(h, a.shape[1], d // 2 - a.shape[2], device=dev, dtype=torch.float32)
             cos_coef = torch.cat([a.to(device=dev, dtype=torch.float32), pad], -1)
             sin_coef = torch.cat([bb.to(device=dev, dtype=torch.float32), pad], -1)
-    if kp.kind == "rotary" and p.q.dtype == torch.float64 and hasattr(enc, "frequencies"):
-        # the reference forms float64 angles from the float64 frequencies for float64 inputs
-        theta64, att = enc.frequencies(d)
-        scale64 = torch.where(kp.pair_scale != 1, torch.tensor(float(att), dtype=torch.float64, device=dev),
-                              torch.ones((), dtype=torch.float64, device=dev))
-        kp = dataclasses.replace(kp, pair_freqs=theta64.to(dev), pair_scale=scale64)
+    if kp.kind == "alibi":
+        slopes = kp.slopes  # (Bs, H), differentiable when the caller's slopes require grad
     enc_args = _param_args(kp, None, None, dev)
-    return NativeAttention.apply(p.q, p.k, p.v, cos_coef, sin_coef, p.q_pos.contiguous(), p.k_pos.contiguous(),
-                                 p.causal, scale, enc_args)
+    return NativeAttention.apply(p.q, p.k, p.v, cos_coef, sin_coef, slopes, p.q_pos.contiguous(),
+                                 p.k_pos.contiguous(), p.causal, scale, enc_args)

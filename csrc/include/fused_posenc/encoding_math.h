@@ -30,12 +30,11 @@ struct EncParams {
   int npairs = 0;                         // P = headdim / 2
   const int64_t* idx1 = nullptr;          // (P,) first index of each pair      (rotary, fope)
   const int64_t* idx2 = nullptr;          // (P,) second index of each pair     (rotary, fope)
-  const float* pair_freqs = nullptr;      // (P,) radians per position          (rotary)
+  const int64_t* pair_turns = nullptr;    // (P, 2) frequencies as exact turn fractions (see turn_angle)
   const float* pair_scale = nullptr;      // (P,) multiplies cos and sin        (rotary)
-  const double* pair_freqs_f64 = nullptr; // optional float64 copies for float64 inputs (the reference
-  const double* pair_scale_f64 = nullptr; //   forms float64 angles from float64 frequencies there)
+  const double* pair_scale_f64 = nullptr; // (P,) the same in float64, for float64 inputs
   int fope_dk = 0;                        // Dk kept frequencies                (fope)
-  const float* fope_freqs = nullptr;      // (Dk,)
+  const int64_t* fope_turns = nullptr;    // (Dk, 2) their turn fractions
   const float* fope_cos_coef = nullptr;   // (H, Dk, P), per query head, zero-padded
   const float* fope_sin_coef = nullptr;   // (H, Dk, P)
   const float* fope_pad = nullptr;        // (P,) 1 for padded pairs (C = S = 1)
@@ -48,25 +47,51 @@ struct EncParams {
 
 FPE_HD bool is_rotation(int kind) { return kind == ENC_ROTARY || kind == ENC_FOPE; }
 
+// ---- exact angles ----------------------------------------------------------------------------------
+// The high 64 bits of the 128-bit product a * b.
+FPE_HD uint64_t mulhi_u64(uint64_t a, uint64_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umul64hi(a, b);
+#elif defined(__SIZEOF_INT128__)
+  return static_cast<uint64_t>((static_cast<unsigned __int128>(a) * b) >> 64);
+#else
+  const uint64_t a0 = a & 0xffffffffu, a1 = a >> 32, b0 = b & 0xffffffffu, b1 = b >> 32;
+  const uint64_t p00 = a0 * b0, p01 = a0 * b1, p10 = a1 * b0, p11 = a1 * b1;
+  const uint64_t mid = (p00 >> 32) + (p01 & 0xffffffffu) + (p10 & 0xffffffffu);
+  return p11 + (p01 >> 32) + (p10 >> 32) + (mid >> 32);
+#endif
+}
+
+// angle = 2 pi frac(pos * f) in [-pi, pi), exact whatever the position (fused_posenc/encodings/angles.py): the
+// frequency f in turns per position is stored as F = round(frac(f) 2^128) in two 64-bit words turns[0] (high),
+// turns[1] (low), so |pos| * F mod 2^128 is exact unsigned arithmetic and its top 64 bits are the turn fraction.
+// Error: |pos| 2^-129 turns plus the double rounding; |pos| < 2^62 (validated by the callers).
+FPE_HD double turn_angle(int64_t pos, const int64_t* turns) {
+  const uint64_t a = pos < 0 ? uint64_t(0) - static_cast<uint64_t>(pos) : static_cast<uint64_t>(pos);
+  const uint64_t top = mulhi_u64(a, static_cast<uint64_t>(turns[1])) + a * static_cast<uint64_t>(turns[0]);
+  const double ang = static_cast<double>(static_cast<int64_t>(top)) * 0x1p-64 * 6.283185307179586477;
+  return pos < 0 ? -ang : ang;
+}
+
 // ---- rotary (RoPE / HoPE / scaled RoPE) -----------------------------------------------------------
-// angle = T(pos) * T(freq[j]) (float32 for every input dtype, double for float64), then cos/sin times scale.
-template <typename T, typename F>
-FPE_HD void rotary_cos_sin(int64_t pos, F freq, F scale, T& c, T& s) {
-  T ang = static_cast<T>(pos) * static_cast<T>(freq);
-  c = cos(ang) * static_cast<T>(scale);
-  s = sin(ang) * static_cast<T>(scale);
+// the exact angle rounded to T (float for every input dtype but float64), then cos/sin in T times scale.
+template <typename T>
+FPE_HD void rotary_cos_sin(int64_t pos, const int64_t* turns, T scale, T& c, T& s) {
+  const T ang = static_cast<T>(turn_angle(pos, turns));
+  c = cos(ang) * scale;
+  s = sin(ang) * scale;
 }
 
 // ---- FoPE tables ------------------------------------------------------------------------------------
 // C_h(t, i) = sum_k A[h,k,i] cos(omega_k t), S_h(t, i) = sum_k B[h,k,i] sin(omega_k t); padded pairs: 1.
-// a, b point at the head's (Dk, P) slices; stride between k rows is P.
+// a, b point at the head's (Dk, P) slices; stride between k rows is P; turns: (Dk, 2) (see turn_angle).
 template <typename T>
-FPE_HD void fope_cos_sin(int64_t pos, int pair, int dk, int npairs, const float* freqs, const float* a,
+FPE_HD void fope_cos_sin(int64_t pos, int pair, int dk, int npairs, const int64_t* turns, const float* a,
                          const float* b, const float* pad, T& c, T& s) {
   if (pad[pair] != 0.f) { c = T(1); s = T(1); return; }
   T cc = 0, ss = 0;
   for (int k = 0; k < dk; ++k) {
-    T ang = static_cast<T>(pos) * static_cast<T>(freqs[k]);
+    const T ang = static_cast<T>(turn_angle(pos, turns + 2 * k));
     cc += static_cast<T>(a[k * npairs + pair]) * cos(ang);
     ss += static_cast<T>(b[k * npairs + pair]) * sin(ang);
   }
@@ -76,9 +101,9 @@ FPE_HD void fope_cos_sin(int64_t pos, int pair, int dk, int npairs, const float*
 // The same tables from a precomputed Fourier basis ck[k] = cos(omega_k t), sk[k] = sin(omega_k t)
 // (one basis per row serves all P pairs).
 template <typename T>
-FPE_HD void fope_basis(int64_t pos, int dk, const float* freqs, T* ck, T* sk) {
+FPE_HD void fope_basis(int64_t pos, int dk, const int64_t* turns, T* ck, T* sk) {
   for (int k = 0; k < dk; ++k) {
-    T ang = static_cast<T>(pos) * static_cast<T>(freqs[k]);
+    const T ang = static_cast<T>(turn_angle(pos, turns + 2 * k));
     ck[k] = cos(ang);
     sk[k] = sin(ang);
   }
@@ -154,8 +179,8 @@ FPE_HD void rotate_row(const EncParams& p, const X* x, int64_t xstride, int D, i
   const float* b = p.kind == ENC_FOPE ? p.fope_sin_coef + (int64_t)h * p.fope_dk * p.npairs : nullptr;
   for (int j = 0; j < p.npairs; ++j) {
     T c, s;
-    if (p.kind == ENC_ROTARY) rotary_cos_sin<T, float>(pos, p.pair_freqs[j], p.pair_scale[j], c, s);
-    else fope_cos_sin<T>(pos, j, p.fope_dk, p.npairs, p.fope_freqs, a, b, p.fope_pad, c, s);
+    if (p.kind == ENC_ROTARY) rotary_cos_sin<T>(pos, p.pair_turns + 2 * j, static_cast<T>(p.pair_scale[j]), c, s);
+    else fope_cos_sin<T>(pos, j, p.fope_dk, p.npairs, p.fope_turns, a, b, p.fope_pad, c, s);
     const int64_t i1 = p.idx1[j], i2 = p.idx2[j];
     T y1, y2;
     rotate_pair<T>(static_cast<T>(x[i1 * xstride]), static_cast<T>(x[i2 * xstride]), c, s, y1, y2);

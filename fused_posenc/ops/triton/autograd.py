@@ -5,8 +5,8 @@ import os
 import weakref
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from ..autograd_util import single_backward
 from .bwd import attn_bwd
 from .fwd import attn_fwd
 from .plan import Plan, make_plan
@@ -42,7 +42,7 @@ class TritonAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable  # no double backward: create_graph=True raises instead of dropping terms
+    @single_backward
     def backward(ctx, do):
         q, k, v, out, lse, q_pos, k_pos, tcq, tsq, tck, tsk = ctx.saved_tensors
         plan, inline = ctx.plan, ctx.inline

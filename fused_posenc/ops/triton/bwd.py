@@ -261,7 +261,7 @@ def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, defa
     if fope_grad:
         tabs = [torch.zeros(b, n, h, plan.p1, device=q.device, dtype=torch.float32) for n in (lq, lq, lk, lk)]
     else:
-        tabs = [plan.freq] * 4
+        tabs = [plan.fscale] * 4  # float32 placeholders
     q_stream = q if (rotate_stream or not plan.rotation) else q_rot
     k_stream = k if (rotate_stream or not plan.rotation) else k_rot
     pos_strides = (q_pos.stride(0) if q_pos.shape[0] > 1 else 0, k_pos.stride(0) if k_pos.shape[0] > 1 else 0,

@@ -100,8 +100,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 def enc_args(plan: Plan, tables):
     """Encoding pointers of a kernel call; ``tables``: the FoPE ``(cos, sin)`` tables of the rows the
     kernel rotates, each ``(Bt, rows, Ht, P)`` float32 (``None`` otherwise)."""
-    tc, ts = tables if tables is not None else (plan.freq, plan.freq)
-    return (plan.freq, plan.fscale, tc, ts, plan.slopes)
+    tc, ts = tables if tables is not None else (plan.fscale, plan.fscale)  # float32 placeholders
+    return (plan.turns, plan.fscale, tc, ts, plan.slopes)
 
 
 def table_strides(plan: Plan, tables, nheads: int):

@@ -18,6 +18,7 @@ ENC_TAPA = tl.constexpr(4)
 LOG2E = tl.constexpr(1.4426950408889634)
 INV_2PI = tl.constexpr(0.15915494309189535)
 TWO_PI = tl.constexpr(6.283185307179586)
+TURN_2POW32 = tl.constexpr(6.283185307179586 / 2**32)  # radians per 2^-32 turn
 
 
 @triton.jit
@@ -84,7 +85,10 @@ def rotation_tables(pos, o_r, m_r, head, p_freq, p_fscale, p_tc, p_ts, stride_ta
                     ENC: tl.constexpr):
     """cos/sin tables ``[BR, BP]`` (float32) for rows ``o_r`` at integer positions ``pos``.
 
-    RoPE/HoPE: ``cos(pos * freq_j) * scale_j`` computed here. FoPE: loaded from its per-row tables
+    RoPE/HoPE: ``cos(angle_j) * scale_j`` computed here from ``p_freq``, the pairs' frequencies as 64-bit turn
+    fractions ``F_j`` (int64, ``encodings/angles.py``): ``pos * F_j mod 2^64`` is exact in wrapping int64
+    arithmetic, its top 32 bits are the angle in turns, ``[-1/2, 1/2)``, with an error of at most
+    ``|pos| 2^-65 + 2^-32`` turns at any position in ``[-2^30, 2^30)``. FoPE: loaded from its per-row tables
     ``(rows, Ht, P)`` (row stride ``stride_tab_t``), table head ``head // tab_group``.
     """
     if ENC == ENC_FOPE:
@@ -93,9 +97,10 @@ def rotation_tables(pos, o_r, m_r, head, p_freq, p_fscale, p_tc, p_ts, stride_ta
         cos = tl.load(p_tc + o_tab, mask=m_tab, other=0.0)
         sin = tl.load(p_ts + o_tab, mask=m_tab, other=0.0)
     else:
-        freq = tl.load(p_freq + o_p, mask=m_p, other=0.0)
+        turns = tl.load(p_freq + o_p, mask=m_p, other=0)  # [BP] int64
         scale = tl.load(p_fscale + o_p, mask=m_p, other=0.0)
-        ang = pos.to(tl.float32)[:, None] * freq[None, :]  # [BR, BP]
+        frac = ((pos.to(tl.int64)[:, None] * turns[None, :]) >> 32).to(tl.int32)  # [BR, BP] turns * 2^32
+        ang = frac.to(tl.float32) * TURN_2POW32  # [-pi, pi)
         cos = tl.cos(ang) * scale[None, :]
         sin = tl.sin(ang) * scale[None, :]
     return cos, sin

@@ -31,7 +31,7 @@ class Plan:
     gather: bool  # parts are index maps, not the ranges [0, p1) and [p1, p1 + p2)
     idx1: torch.Tensor  # (p1,) int32 head-dim indices (used when gather)
     idx2: torch.Tensor
-    freq: torch.Tensor  # (P,) float32 RoPE/HoPE frequency per pair
+    turns: torch.Tensor  # (P,) int64 RoPE/HoPE frequency per pair as a 64-bit turn fraction (encodings/angles.py)
     fscale: torch.Tensor  # (P,) float32 cos/sin multiplier per pair (YaRN)
     slopes: torch.Tensor  # (Bs, H) float32 ALiBi slopes
     slope_stride_b: int
@@ -66,7 +66,8 @@ def make_plan(kp: KernelParams, head_dim: int, nheads: int, nheads_kv: int, scal
     dummy_f = torch.zeros(1, device=device, dtype=torch.float32)
     dummy_i = torch.zeros(1, device=device, dtype=torch.int32)
     rotation = kp.kind in ("rotary", "fope")
-    plan = Plan(enc=ENC_CODES[kp.kind], p1=0, p2=0, gather=False, idx1=dummy_i, idx2=dummy_i, freq=dummy_f,
+    dummy_l = torch.zeros(1, device=device, dtype=torch.int64)
+    plan = Plan(enc=ENC_CODES[kp.kind], p1=0, p2=0, gather=False, idx1=dummy_i, idx2=dummy_i, turns=dummy_l,
                 fscale=dummy_f, slopes=dummy_f, slope_stride_b=0, scale=scale, phase=0.0, alpha=0.0,
                 rotation=rotation, k_heads_rot=nheads_kv, fope_learnable=kp.fope_learnable)
     if rotation:
@@ -75,7 +76,7 @@ def make_plan(kp: KernelParams, head_dim: int, nheads: int, nheads_kv: int, scal
         plan.idx1 = kp.idx1.to(device=device, dtype=torch.int32).contiguous()
         plan.idx2 = kp.idx2.to(device=device, dtype=torch.int32).contiguous()
         if kp.kind == "rotary":
-            plan.freq = kp.pair_freqs.to(device=device, dtype=torch.float32).contiguous()
+            plan.turns = kp.pair_turns64.to(device=device, dtype=torch.int64).contiguous()
             plan.fscale = kp.pair_scale.to(device=device, dtype=torch.float32).contiguous()
         elif fope_heads == nheads and nheads != nheads_kv:
             plan.k_heads_rot = nheads

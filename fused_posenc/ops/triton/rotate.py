@@ -59,12 +59,12 @@ def rotate_tensor(x: torch.Tensor, pos: torch.Tensor, plan: Plan, heads_out: int
     b, t, hx, d = x.shape
     nheads = max(nheads, heads_out)
     tab_b, tab_t, tab_group = table_strides(plan, tables, nheads)
-    tc, ts = tables if tables is not None else (plan.freq, plan.freq)
+    tc, ts = tables if tables is not None else (plan.fscale, plan.fscale)
     y = torch.empty(b, t, heads_out, d, device=x.device, dtype=x.dtype)
     block_t = rotate_block_t(t, plan.block_p1)
     grid = (triton.cdiv(t, block_t) * b * heads_out,)
     rotate_fwd_kernel[grid](
-        x, y, pos, plan.idx1, plan.idx2, plan.freq, plan.fscale, tc, ts,
+        x, y, pos, plan.idx1, plan.idx2, plan.turns, plan.fscale, tc, ts,
         *x.stride(), *y.stride(), pos.stride(0) if pos.shape[0] > 1 else 0, tab_b, tab_t,
         t, heads_out, heads_out // hx, nheads // heads_out, tab_group, plan.p1, pos_offset,
         ENC=plan.enc, DEFAULT_POS=default_pos, GATHER=plan.gather,
