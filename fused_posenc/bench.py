@@ -142,15 +142,19 @@ def _quantiles(samples: List[float]) -> tuple:
 class TimingOptions:
     warmup_ms: float = 25.0  # CUDA: triton.testing.do_bench's warm-up
     rep_ms: float = 100.0  # CUDA: do_bench's measuring time
-    cpu_repeats: int = 5  # CPU: timed calls after one warm-up call
+    cpu_repeats: int = 5  # CPU: timed calls after one warm-up call (at least this many)
     cpu_warmup: int = 1
+    cpu_min_s: float = 0.0  # CPU: keep timing calls until they add up to at least this many seconds
+    cpu_max_s: float = math.inf  # CPU: ... but stop once the timed calls add up to this many (>= 1 call)
 
 
 def time_step(step: Callable[[], None], device: str, opts: TimingOptions = TimingOptions()) -> tuple:
     """Milliseconds per call ``(p50, p20, p80)``; warm-up excluded.
 
     CUDA: ``triton.testing.do_bench`` (median and quantiles; it also flushes L2 between calls), or CUDA
-    events when Triton is missing. CPU: ``time.perf_counter`` around each of ``cpu_repeats`` calls.
+    events when Triton is missing. CPU: ``time.perf_counter`` around each call, after ``cpu_warmup``
+    calls, until there are at least ``cpu_repeats`` calls and they add up to at least ``cpu_min_s``, or
+    they add up to ``cpu_max_s`` (a bound on a slow or busy machine).
     """
     if device.startswith("cuda"):
         try:
@@ -176,10 +180,13 @@ def time_step(step: Callable[[], None], device: str, opts: TimingOptions = Timin
     for _ in range(opts.cpu_warmup):
         step()
     samples = []
-    for _ in range(opts.cpu_repeats):
+    total = 0.0
+    while (len(samples) < opts.cpu_repeats or total < opts.cpu_min_s * 1e3) and (
+            not samples or total < opts.cpu_max_s * 1e3):
         t0 = time.perf_counter()
         step()
         samples.append((time.perf_counter() - t0) * 1e3)
+        total += samples[-1]
     return _quantiles(samples)
 
 
@@ -325,18 +332,31 @@ def _guard_scores(shape: Shape, copies: float, what: str) -> None:
         raise Skip(f"{what} would materialise ~{need / 2**30:.1f} GiB of scores (limit {limit / 2**30:.1f} GiB)")
 
 
-def sdpa_call(backend: str, shape: Shape, bias: Optional[torch.Tensor] = None) -> Callable:
-    """``fn(q, k, v)`` in the package layout -> SDPA pinned to ``backend`` in (B, H, L, D) -> package layout."""
+def sdpa_call(backend: str, shape: Shape, bias: Optional[torch.Tensor] = None, expand_kv: bool = False) -> Callable:
+    """``fn(q, k, v)`` in the package layout -> SDPA pinned to ``backend`` in (B, H, L, D) -> package layout.
+
+    ``backend="default"``: PyTorch's own kernel choice (no pinning). GQA: ``enable_gqa=True``, or with
+    ``expand_kv`` the kv heads repeated to the query heads first (``repeat_kv`` in transformers)."""
+    import contextlib
+
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    kind = getattr(SDPBackend, _SDPA_BACKENDS[backend])
+    kind = None if backend == "default" else getattr(SDPBackend, _SDPA_BACKENDS[backend])
     gqa = shape.hkv != shape.nheads
+    group = shape.nheads // shape.hkv
     causal = shape.causal and bias is None
 
     def fn(q, k, v):
-        kw = {"enable_gqa": True} if gqa else {}
-        with sdpa_kernel(kind):
+        kw = {}
+        if gqa and expand_kv:
+            if k.shape[2] != q.shape[2]:
+                k = k.repeat_interleave(group, dim=2)
+            if v.shape[2] != q.shape[2]:
+                v = v.repeat_interleave(group, dim=2)
+        elif gqa:
+            kw["enable_gqa"] = True
+        with sdpa_kernel(kind) if kind is not None else contextlib.nullcontext():
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                attn_mask=bias, is_causal=causal, **kw)
         return o.transpose(1, 2)
@@ -376,13 +396,13 @@ def alibi_bias(shape: Shape) -> torch.Tensor:
     return bias
 
 
-def sdpa(backend: str) -> ProviderFn:
+def sdpa(backend: str, expand_kv: bool = False) -> ProviderFn:
     """SDPA pinned to one backend: plain attention (``none``) and ALiBi as a materialised additive bias."""
 
     def build(encoding: str, shape: Shape):
         if encoding == "none":
             def factory(s):
-                return sdpa_call(backend, s)
+                return sdpa_call(backend, s, expand_kv=expand_kv)
         elif encoding == "alibi":
             # the (1, H, L, L) bias, its (L, L) float32 temporaries, and room for the kernel
             need = shape.nheads * shape.seqlen ** 2 * shape.torch_dtype.itemsize + 3 * 4.0 * shape.seqlen ** 2
@@ -390,7 +410,7 @@ def sdpa(backend: str) -> ProviderFn:
                 raise Skip(f"the ALiBi bias would need ~{need / 2**30:.1f} GiB")
 
             def factory(s):
-                return sdpa_call(backend, s, alibi_bias(s))
+                return sdpa_call(backend, s, alibi_bias(s), expand_kv=expand_kv)
         else:
             raise Skip("SDPA has no hook for this encoding (see rotate+sdpa-*)")
         _probe(factory, shape, f"sdpa-{backend}")
@@ -399,8 +419,11 @@ def sdpa(backend: str) -> ProviderFn:
     return build
 
 
-def rotate_sdpa(backend: str) -> ProviderFn:
-    """The unfused baseline: ``apply_rotary`` on q and k (tables computed in the call), then SDPA."""
+def rotate_sdpa(backend: str, expand_kv: bool = False) -> ProviderFn:
+    """The unfused baseline: ``apply_rotary`` on q and k (tables computed in the call), then SDPA.
+
+    ``expand_kv`` (GQA): k and v repeated to the query heads, after rotating k (transformers' order), or
+    before when the tables differ per query head (a per-head FoPE)."""
 
     def build(encoding: str, shape: Shape):
         from .rotary import apply_rotary
@@ -408,11 +431,15 @@ def rotate_sdpa(backend: str) -> ProviderFn:
         enc = _encoding(encoding, shape)
         if not enc.is_rotation:
             raise Skip("not a rotation encoding")
+        group = shape.nheads // shape.hkv
+        expand_first = expand_kv and group > 1 and getattr(enc, "num_heads", 1) not in (1, shape.hkv)
 
         def factory(s):
-            inner = sdpa_call(backend, s)
+            inner = sdpa_call(backend, s, expand_kv=expand_kv)
 
             def fn(q, k, v):
+                if expand_first:
+                    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
                 return inner(apply_rotary(q, enc), apply_rotary(k, enc), v)
 
             return fn
