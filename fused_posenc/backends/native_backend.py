@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .common import learnable_slopes
+
 
 def _extension():
     try:
@@ -32,6 +34,8 @@ class NativeBackend:
         want_cuda = self.name == "cuda"
         if problem.q.is_cuda != want_cuda:
             return False, f"backend {self.name!r} needs {'CUDA' if want_cuda else 'CPU'} tensors, got {problem.q.device}"
+        if want_cuda and learnable_slopes(problem):
+            return False, "ALiBi slopes that require grad: the CUDA kernels have no slope gradient (backend='cpu' or 'torch')"
         if want_cuda and problem.q.dtype == torch.float64:
             return False, "the CUDA kernels take float16, bfloat16 or float32 (use backend='torch' for float64)"
         return True, ""
