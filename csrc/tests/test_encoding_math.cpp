@@ -18,11 +18,24 @@ static int failures = 0;
   } while (0)
 
 int main() {
-  // rotary: angle float32(pos) * freq, times scale
+  // exact angles: frequencies as 128-bit turn fractions (hi, lo); 1/8 turn is exactly 2^125, 1/3 turn rounds to
+  // 0x5555...5 in both words. The angle is 2 pi frac(pos * f) in [-pi, pi), exact at any position.
+  const double pi = 3.14159265358979323846;
+  const int64_t eighth[2] = {int64_t(1) << 61, 0};
+  const int64_t third[2] = {0x5555555555555555LL, 0x5555555555555555LL};
+  EXPECT_NEAR(turn_angle(0, eighth), 0.0, 0);
+  EXPECT_NEAR(turn_angle(7, eighth), -pi / 4, 1e-15);             // 7/8 turn = -1/8
+  EXPECT_NEAR(turn_angle(-7, eighth), pi / 4, 1e-15);
+  EXPECT_NEAR(turn_angle((int64_t(1) << 61) + 3, eighth), 3 * pi / 4, 1e-15);  // 2^58 whole turns + 3/8
+  EXPECT_NEAR(turn_angle(-(int64_t(1) << 61) - 3, eighth), -3 * pi / 4, 1e-15);
+  EXPECT_NEAR(turn_angle(1000000000001LL, third), -2 * pi / 3, 1e-13);  // (10^12 + 1) / 3 = ... + 2/3 turn
+  EXPECT_NEAR(turn_angle(4000000000000000001LL, third), -2 * pi / 3, 1e-12);
+  EXPECT_NEAR(mulhi_u64(~uint64_t(0), ~uint64_t(0)), 18446744073709551614.0, 0);  // (2^64 - 1)^2 >> 64
+  // rotary: the exact angle, cos/sin times scale
   float c, s;
-  rotary_cos_sin<float, float>(7, 0.5f, 2.f, c, s);
-  EXPECT_NEAR(c, 2.0 * std::cos(3.5), 1e-6);
-  EXPECT_NEAR(s, 2.0 * std::sin(3.5), 1e-6);
+  rotary_cos_sin<float>(7, eighth, 2.f, c, s);
+  EXPECT_NEAR(c, 2.0 * std::cos(-pi / 4), 1e-6);
+  EXPECT_NEAR(s, 2.0 * std::sin(-pi / 4), 1e-6);
   // rotation then transpose is the identity for a unit (c, s)
   double y1, y2, z1, z2;
   const double cc = std::cos(0.3), ss = std::sin(0.3);
@@ -51,14 +64,14 @@ int main() {
   }
   // FoPE tables: Dk = 2, P = 3, pair 2 padded
   {
-    const float freqs[2] = {1.f, 0.25f};
+    const int64_t freqs[2 * 2] = {eighth[0], eighth[1], third[0], third[1]};  // (Dk, 2) turn fractions
     const float a[2 * 3] = {1.f, 0.5f, 0.f, 0.2f, -1.f, 0.f};  // (Dk, P)
     const float b[2 * 3] = {0.3f, 1.f, 0.f, 1.f, 0.1f, 0.f};
     const float pad[3] = {0.f, 0.f, 1.f};
     double C, S;
     fope_cos_sin<double>(5, 1, 2, 3, freqs, a, b, pad, C, S);
-    EXPECT_NEAR(C, 0.5 * std::cos(5.0) - 1.0 * std::cos(1.25), 1e-12);
-    EXPECT_NEAR(S, 1.0 * std::sin(5.0) + 0.1 * std::sin(1.25), 1e-7);
+    EXPECT_NEAR(C, 0.5 * std::cos(2 * pi * 5 / 8) - 1.0 * std::cos(2 * pi * 5 / 3), 1e-12);
+    EXPECT_NEAR(S, 1.0 * std::sin(2 * pi * 5 / 8) + 0.1 * std::sin(2 * pi * 5 / 3), 1e-7);
     fope_cos_sin<double>(5, 2, 2, 3, freqs, a, b, pad, C, S);
     EXPECT_NEAR(C, 1.0, 0);
     EXPECT_NEAR(S, 1.0, 0);
@@ -92,14 +105,15 @@ int main() {
   // rotate_row: half layout, rotary
   {
     const int64_t idx1[2] = {0, 1}, idx2[2] = {2, 3};
-    const float freqs[2] = {1.f, 0.f}, scale[2] = {1.f, 1.f};
+    const int64_t turns[2 * 2] = {eighth[0], eighth[1], 0, 0};
+    const float scale[2] = {1.f, 1.f};
     EncParams p;
-    p.kind = ENC_ROTARY; p.npairs = 2; p.idx1 = idx1; p.idx2 = idx2; p.pair_freqs = freqs; p.pair_scale = scale;
+    p.kind = ENC_ROTARY; p.npairs = 2; p.idx1 = idx1; p.idx2 = idx2; p.pair_turns = turns; p.pair_scale = scale;
     const float x[4] = {1.f, 2.f, 3.f, 4.f};
     float y[4];
     rotate_row<float, float>(p, x, 1, 4, 2, 0, y);
-    EXPECT_NEAR(y[0], 1.0 * std::cos(2.0) - 3.0 * std::sin(2.0), 1e-6);
-    EXPECT_NEAR(y[2], 3.0 * std::cos(2.0) + 1.0 * std::sin(2.0), 1e-6);
+    EXPECT_NEAR(y[0], 1.0 * std::cos(pi / 2) - 3.0 * std::sin(pi / 2), 1e-6);  // position 2: 1/4 turn
+    EXPECT_NEAR(y[2], 3.0 * std::cos(pi / 2) + 1.0 * std::sin(pi / 2), 1e-6);
     EXPECT_NEAR(y[1], 2.0, 0);
     EXPECT_NEAR(y[3], 4.0, 0);
   }
