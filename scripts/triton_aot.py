@@ -34,7 +34,7 @@ from fused_posenc.ops.triton.plan import pow2  # noqa: E402
 SMEM_LIMIT = {80: 166912, 90: 232448}  # opt-in shared memory per block (bytes): A100, H100/H200
 TL_DTYPE = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 TORCH_KEY = {"fp16": "torch.float16", "bf16": "torch.bfloat16", "fp32": "torch.float32"}
-FP32_PTRS = {"LSE", "DELTA", "FSCALE", "TC", "TS", "SLOPES", "DCK", "DSK", "DCQ", "DSQ"}
+FP32_PTRS = {"LSE", "DELTA", "DSLOPE", "FSCALE", "TC", "TS", "SLOPES", "DCK", "DSK", "DCQ", "DSQ"}
 I64_PTRS = {"QPOS", "KPOS", "POS", "FREQ"}  # FREQ: 64-bit turn fractions
 I32_PTRS = {"IDX1", "IDX2"}
 IO_PTRS = {"Q", "K", "V", "O", "DO", "DK", "DV_OUT", "DQ", "X", "Y"}
@@ -45,7 +45,7 @@ FLOATS = {"scale", "phase", "alpha"}
 EXPLICIT = {"CAUSAL": False, "DEFAULT_POS": False}
 ENCODINGS = [("none", 0, {}), ("rope", 1, {}), ("rope-gather", 1, {"GATHER": True}), ("rope-inline", 1, {"INLINE": True}),
              ("rope-explicit", 1, EXPLICIT), ("fope", 2, {}), ("fope-learnable", 2, {"FOPE_GRAD": True}),
-             ("alibi", 3, {}), ("alibi-explicit", 3, EXPLICIT), ("tapa", 4, {}), ("tapa-explicit", 4, EXPLICIT)]
+             ("alibi", 3, {}), ("alibi-explicit", 3, EXPLICIT), ("alibi-learnable", 3, {"SLOPE_GRAD": True}), ("tapa", 4, {}), ("tapa-explicit", 4, EXPLICIT)]
 
 
 def signature(fn, dtype: str, constexprs: dict) -> dict:
@@ -88,7 +88,7 @@ def variants(quick: bool, dims, dtypes):
         p1, p2 = parts(enc, d)
         base = dict(ENC=enc, CAUSAL=True, DEFAULT_POS=True, GATHER=False, PREC="ieee" if dtype == "fp32" else "tf32",
                     DTYPE_KEY=TORCH_KEY[dtype], FAST=True, BLOCK_P1=pow2(p1), BLOCK_P2=pow2(p2), BLOCK_DV=pow2(d))
-        base.update({k: v for k, v in extra.items() if k not in ("FOPE_GRAD", "INLINE")})
+        base.update({k: v for k, v in extra.items() if k not in ("FOPE_GRAD", "INLINE", "SLOPE_GRAD")})
         stream = enc not in (1, 2) or extra.get("INLINE", False)  # autograd.py: rotate the streaming side inline
         fope_grad = extra.get("FOPE_GRAD", False)
         for kname, autotuned, names, more in (
@@ -96,7 +96,7 @@ def variants(quick: bool, dims, dtypes):
                 ("bwd_dkdv", bwd.attn_bwd_dkdv_kernel, ("BLOCK_N", "BLOCK_M"),
                  {"ROTATE_STREAM": stream, "FOPE_GRAD": fope_grad}),
                 ("bwd_dq", bwd.attn_bwd_dq_kernel, ("BLOCK_M", "BLOCK_N"),
-                 {"ROTATE_STREAM": stream, "FOPE_GRAD": fope_grad})):
+                 {"ROTATE_STREAM": stream, "FOPE_GRAD": fope_grad, "SLOPE_GRAD": extra.get("SLOPE_GRAD", False)})):
             cx = {**base, **more}
             prune = tuning.pruner("fwd" if kname == "fwd" else "bwd", names)["early_config_prune"]
             pruned = prune(autotuned.configs, cx)

@@ -12,7 +12,6 @@ import os
 
 import torch
 
-from .common import learnable_slopes
 
 
 def _interpreter() -> bool:
@@ -54,9 +53,6 @@ class TritonBackend:
         d, dv = q.shape[-1], p.v.shape[-1]
         if d > 256 or dv > 256:
             return False, f"head dims up to 256 are supported, got headdim={d}, headdim_v={dv}"
-        if learnable_slopes(p):
-            return False, ("ALiBi slopes that require grad: the Triton kernels have no slope gradient "
-                           "(backend='cpu' or 'torch' computes it)")
         if not p.default_positions and not _positions_fit(p.q_pos, p.k_pos):
             return False, "the Triton kernels take positions in [-2^30, 2^30) (they compute in int32)"
         return True, ""

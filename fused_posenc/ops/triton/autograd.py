@@ -7,6 +7,7 @@ import weakref
 import torch
 
 from ..autograd_util import single_backward
+from ...backends.common import learnable_slopes
 from .bwd import attn_bwd
 from .fwd import attn_fwd
 from .plan import Plan, make_plan
@@ -14,6 +15,7 @@ from .rotate import rotate_tensor
 
 STREAM_MODES = ("pre", "inline")
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PLANS_PER_ENCODING = 16
 
 
 def stream_mode(plan: Plan) -> str:
@@ -27,10 +29,12 @@ def stream_mode(plan: Plan) -> str:
 
 class TritonAttention(torch.autograd.Function):
     """Inputs: q (B, Lq, H, D), k (B, Lk, Hkv, D), v (B, Lk, Hkv, Dv); FoPE tables ``(Bt, rows, Ht, P)``
-    float32 for the query and key rows (``None`` for other encodings); positions (Bp, L) int64."""
+    float32 for the query and key rows (``None`` for other encodings); ALiBi slopes ``(Bs, H)`` when their
+    gradient is wanted (the kernels read the plan's detached copy of the same values; else ``None``);
+    positions (Bp, L) int64."""
 
     @staticmethod
-    def forward(ctx, q, k, v, tcq, tsq, tck, tsk, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool):
+    def forward(ctx, q, k, v, tcq, tsq, tck, tsk, slopes, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool):
         inline = stream_mode(plan) == "inline" or not plan.rotation
         q_tab = None if tcq is None else (tcq, tsq)
         k_tab = None if tck is None else (tck, tsk)
@@ -38,6 +42,7 @@ class TritonAttention(torch.autograd.Function):
                                                tables=k_tab)
         out, lse = attn_fwd(q, k_arg, v, q_pos, k_pos, plan, causal, default_pos, rotate_k=inline, q_tables=q_tab)
         ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, tcq, tsq, tck, tsk)
+        ctx.slopes_batch = None if slopes is None else slopes.shape[0]
         ctx.plan, ctx.causal, ctx.default_pos, ctx.inline = plan, causal, default_pos, inline
         return out
 
@@ -53,12 +58,16 @@ class TritonAttention(torch.autograd.Function):
             lq, lk = q.shape[1], k.shape[1]
             q_rot = rotate_tensor(q, q_pos, plan, q.shape[2], ctx.default_pos, pos_offset=lk - lq, tables=q_tab)
             k_rot = rotate_tensor(k, k_pos, plan, plan.k_heads_rot, ctx.default_pos, nheads=q.shape[2], tables=k_tab)
-        dq, dk, dv, tabs = attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan, ctx.causal, ctx.default_pos,
-                                    rotate_stream=inline, q_rot=q_rot, k_rot=k_rot, q_tables=q_tab, k_tables=k_tab)
+        slope_grad = ctx.slopes_batch is not None and ctx.needs_input_grad[7]
+        dq, dk, dv, tabs, dslopes = attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan, ctx.causal, ctx.default_pos,
+                                             rotate_stream=inline, q_rot=q_rot, k_rot=k_rot, q_tables=q_tab,
+                                             k_tables=k_tab, slope_grad=slope_grad)
+        if dslopes is not None and ctx.slopes_batch == 1:  # (B, H) -> the slopes' (1, H)
+            dslopes = dslopes.sum(0, keepdim=True)
         grads = [None] * 4
         if tabs is not None:  # per-row, per-query-head table gradients -> the tables' own shapes
             grads = [_reduce_table_grad(g, t) for g, t in zip(tabs, (tcq, tsq, tck, tsk))]
-        return (dq, dk, dv, *grads, None, None, None, None, None)
+        return (dq, dk, dv, *grads, dslopes, None, None, None, None, None)
 
 
 def _reduce_table_grad(g, table):
@@ -89,8 +98,11 @@ def _cached_plan(enc, d, h, hkv, b, device, scale) -> Plan:
         per_enc = {}
     plan = per_enc.get(key)
     if plan is None:
-        kp = enc.kernel_params(d, h, hkv, b, device)
+        with torch.no_grad():  # the plan keeps detached copies (a learnable tensor's graph must not be cached)
+            kp = enc.kernel_params(d, h, hkv, b, device)
         plan = make_plan(kp, d, h, hkv, scale, device, fope_heads=getattr(enc, "num_heads", 1))
+        if len(per_enc) >= _PLANS_PER_ENCODING:  # e.g. learnable ALiBi slopes: a new version every step
+            per_enc.pop(next(iter(per_enc)))
         per_enc[key] = plan
     return plan
 
@@ -101,9 +113,10 @@ def triton_attention(p) -> torch.Tensor:
     b, lq, lk, h, hkv, d, dv = p.shape
     plan = _cached_plan(enc, d, h, hkv, b, p.q.device, enc.score_scale(d, p.softmax_scale))
     tables = [None] * 4
+    slopes = enc.slopes(h, b, p.q.device) if learnable_slopes(p) else None  # differentiable (Bs, H)
     if plan.enc == 2:
         learnable = enc.learnable and torch.is_grad_enabled()
         plan = Plan(**{**plan.__dict__, "fope_learnable": learnable})
         tables = [*fope_tables(enc, p.q_pos), *fope_tables(enc, p.k_pos)]
-    return TritonAttention.apply(p.q, p.k, p.v, *tables, p.q_pos.contiguous(), p.k_pos.contiguous(), plan,
+    return TritonAttention.apply(p.q, p.k, p.v, *tables, slopes, p.q_pos.contiguous(), p.k_pos.contiguous(), plan,
                                  p.causal, p.default_positions)

@@ -153,7 +153,7 @@ def attn_bwd_dkdv_kernel(
                  key=_KEY)
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DCQ, DSQ, QPOS, KPOS, IDX1, IDX2,
+    Q, K, V, DO, LSE, DELTA, DQ, DCQ, DSQ, DSLOPE, QPOS, KPOS, IDX1, IDX2,
     FREQ, FSCALE, TC, TS, SLOPES,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
@@ -166,9 +166,10 @@ def attn_bwd_dq_kernel(
     ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr,
     ROTATE_STREAM: tl.constexpr, FOPE_GRAD: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, SLOPE_GRAD: tl.constexpr = False,
 ):
-    """One block of queries of one head; K is raw (``ROTATE_STREAM``) or pre-rotated."""
+    """One block of queries of one head; K is raw (``ROTATE_STREAM``) or pre-rotated. ``SLOPE_GRAD`` (ALiBi): also
+    each query row's share of ``dL/dslope = -sum_n dS[m, n] |m - n|`` into ``DSLOPE`` ``(B, H, LQ)`` float32."""
     pid_m, pid_bh = program_ids(LQ, BLOCK_M)
     i_b = pid_bh // H
     i_h = pid_bh % H
@@ -205,6 +206,7 @@ def attn_bwd_dq_kernel(
 
     b_dq1 = tl.zeros([BLOCK_M, BLOCK_P1], dtype=tl.float32)
     b_dq2 = tl.zeros([BLOCK_M, BLOCK_P2], dtype=tl.float32)
+    b_dslope = tl.zeros([BLOCK_M], dtype=tl.float32)
     hi = LK
     if CAUSAL and DEFAULT_POS:
         hi = tl.minimum(LK, tl.maximum((pid_m + 1) * BLOCK_M + q_pos_offset, 0))
@@ -221,6 +223,8 @@ def attn_bwd_dq_kernel(
         b_p = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL), tl.exp2(b_s - b_lse[:, None]), 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
         b_ds = b_p * (b_dp - b_delta[:, None])
+        if SLOPE_GRAD:
+            b_dslope += tl.sum(b_ds * tl.abs(pos_m[:, None] - pos_n[None, :]).to(tl.float32), 1)
         b_g1, b_g2 = score_grads(b_ds, b_d1, b_d2, pos_m, pos_n, scale, phase, alpha, ENC, FAST)
         b_dq1 = tl.dot(b_g1.to(b_k1.dtype), b_k1, b_dq1, input_precision=PREC)
         b_dq2 = tl.dot(b_g2.to(b_k2.dtype), b_k2, b_dq2, input_precision=PREC)
@@ -237,15 +241,18 @@ def attn_bwd_dq_kernel(
     p_dq = DQ + i_b64 * stride_dqb + i_h.to(tl.int64) * stride_dqh
     store_part(p_dq, b_dq1.to(DQ.dtype.element_ty), o_m, m_m, o_d1, m_p1, stride_dqt, stride_dqd)
     store_part(p_dq, b_dq2.to(DQ.dtype.element_ty), o_m, m_m, o_d2, m_p2, stride_dqt, stride_dqd)
+    if SLOPE_GRAD:
+        tl.store(DSLOPE + pid_bh.to(tl.int64) * LQ + o_m, -b_dslope, mask=m_m)
 
 
 def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool,
-             rotate_stream: bool, q_rot=None, k_rot=None, q_tables=None, k_tables=None):
+             rotate_stream: bool, q_rot=None, k_rot=None, q_tables=None, k_tables=None, slope_grad: bool = False):
     """Launch the backward kernels.
 
     ``q_rot`` (B, Lq, H, D) and ``k_rot`` (B, Lk, Hk', D) are the pre-rotated streaming operands
     (used when ``rotate_stream`` is False). Returns ``dq, dk, dv`` and, for learnable FoPE, the table
-    gradients ``(dC, dS)`` of shape (B, rows, H, P) for the queries and the keys (else ``None``).
+    gradients ``(dC, dS)`` of shape (B, rows, H, P) for the queries and the keys (else ``None``), and
+    ALiBi's ``dL/dslopes`` ``(B, H)`` float32 when ``slope_grad`` (else ``None``).
     ``q_tables``/``k_tables``: FoPE ``(cos, sin)`` tables of the query and key rows.
     """
     b, lq, h, d = q.shape
@@ -278,9 +285,12 @@ def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, defa
         q_stream, k, v, do, lse, delta, dk, dv_, tabs[2], tabs[3], q_pos, k_pos, plan.idx1, plan.idx2,
         *enc_args(plan, k_tables), *q_stream.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         *dv_.stride(), *pos_strides, kt_b, kt_t, lq, lk, h, hkv, h // hkv, kt_group, *scalars, **common)
+    slope_grad = slope_grad and plan.enc == 3
+    dslope = torch.empty(b, h, lq, device=q.device, dtype=torch.float32) if slope_grad else delta
     attn_bwd_dq_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)](
-        q, k_stream, v, do, lse, delta, dq, tabs[0], tabs[1], q_pos, k_pos, plan.idx1, plan.idx2,
+        q, k_stream, v, do, lse, delta, dq, tabs[0], tabs[1], dslope, q_pos, k_pos, plan.idx1, plan.idx2,
         *enc_args(plan, q_tables), *q.stride(), *k_stream.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        *pos_strides, qt_b, qt_t, lq, lk, h, h // hkv, h // k_stream.shape[2], qt_group, *scalars, **common)
+        *pos_strides, qt_b, qt_t, lq, lk, h, h // hkv, h // k_stream.shape[2], qt_group, *scalars, **common,
+        SLOPE_GRAD=slope_grad)
     tables = (tabs[0], tabs[1], tabs[2], tabs[3]) if fope_grad else None
-    return dq, dk, dv_, tables
+    return dq, dk, dv_, tables, (dslope.sum(-1) if slope_grad else None)
