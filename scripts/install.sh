@@ -16,9 +16,10 @@ export PYTHONUNBUFFERED=1
 # numpy: Triton's interpreter (TRITON_INTERPRET=1, the CPU test run) imports it, and so do tests.
 REQS=("torch==2.13.0" "triton>=3.6,<3.10" numpy ninja pybind11 "setuptools>=64" pytest pytest-benchmark)
 
-if python scripts/install_state.py deps "${REQS[@]}"; then
+if why=$(python scripts/install_state.py deps "${REQS[@]}"); then
   echo "install.sh: dependencies already installed (${REQS[*]})"
 else
+  echo "install.sh: installing the dependencies ($why)"
   if [ -n "${TORCH_INDEX_URL:-}" ]; then
     python -m pip install -q --index-url "$TORCH_INDEX_URL" "torch==2.13.0"
   fi

@@ -1,6 +1,7 @@
 """What scripts/install.sh can skip. Standard library only (it runs before anything is installed).
 
-    python scripts/install_state.py deps REQ...   exit 0 if every requirement (pip syntax) is installed
+    python scripts/install_state.py deps REQ...   exit 0 if every requirement (pip syntax) is installed,
+                                                  else say which is not
     python scripts/install_state.py inputs        print the hash of what the C++ extension is built from
     python scripts/install_state.py check HASH    exit 0 if this checkout is installed, its extension imports
                                                   and the stamp says it was built from HASH (else say why)
@@ -40,16 +41,16 @@ def _requirement(text):
 
 
 def deps(reqs):
-    """0 if every requirement is installed at an allowed version; else 1 and the first one that is not."""
+    """0 if every requirement is installed at an allowed version; else 1, printing the first one that is not."""
     for text in reqs:
         req = _requirement(text)
         try:
             version = importlib.metadata.version(req.name)
         except importlib.metadata.PackageNotFoundError:
-            print(f"install_state: {req.name} is not installed", file=sys.stderr)
+            print(f"{req.name} is not installed")
             return 1
         if not req.specifier.contains(version, prereleases=True):
-            print(f"install_state: {req.name} {version} does not satisfy {text}", file=sys.stderr)
+            print(f"{req.name} {version} is installed, {text} is wanted")
             return 1
     return 0
 

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-python -m pytest -q tests "$@"
+python -m pytest -q -rs tests "$@"   # -rs: every skip with its reason
