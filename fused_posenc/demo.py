@@ -136,19 +136,27 @@ def check(encoding: str, backend: str, shape: Shape, seed: int = 0):
     return ok, worst, e, base, "; ".join(notes)
 
 
-def _time_fwd(fwd, shape: Shape, opts: TimingOptions):
+SPREAD = 2.0  # a timing whose 80th percentile is above SPREAD x its 20th is flagged as noisy
+NOISY_NOTE = f"noisy timing: 80th percentile > {SPREAD:g} x 20th (another process on the CPU?)"
+
+
+def _time_fwd(fwd, shape: Shape, opts: TimingOptions, notes: Optional[List[str]] = None):
+    """``[ms fwd, ms fwd+bwd]`` (medians); appends :data:`NOISY_NOTE` to ``notes`` if either is noisy."""
     sets = make_inputs(shape)
-    return [time_step(make_step(fwd, sets, mode), shape.device, opts)[0] for mode in ("fwd", "fwd+bwd")]
+    q = [time_step(make_step(fwd, sets, mode), shape.device, opts) for mode in ("fwd", "fwd+bwd")]
+    if notes is not None and any(p80 > SPREAD * p20 for _, p20, p80 in q):
+        notes.append(NOISY_NOTE)
+    return [x[0] for x in q]
 
 
-def timing(encoding: str, backend: str, shape: Shape, opts: TimingOptions):
+def timing(encoding: str, backend: str, shape: Shape, opts: TimingOptions, notes: Optional[List[str]] = None):
     """``[ms fwd, ms fwd+bwd]`` (medians) of ``fused_attention(backend=backend)``."""
     causal = shape.causal
 
     def fwd(a, b, c):
         return fused_attention(a, b, c, encoding, causal=causal, backend=backend)
 
-    return _time_fwd(fwd, shape, opts)
+    return _time_fwd(fwd, shape, opts, notes)
 
 
 def run_baseline(encoding: str, check_shape: Shape, time_shape: Optional[Shape], opts: TimingOptions) -> Result:
@@ -162,7 +170,7 @@ def run_baseline(encoding: str, check_shape: Shape, time_shape: Optional[Shape],
         if not ok:
             res.notes.append("a baseline above the bound (not counted in the exit status)")
         if time_shape is not None:
-            res.ms_fwd, res.ms_fwdbwd = _time_fwd(prov.build(encoding, time_shape), time_shape, opts)
+            res.ms_fwd, res.ms_fwdbwd = _time_fwd(prov.build(encoding, time_shape), time_shape, opts, res.notes)
     except Skip as e:
         res.status, res.notes = "skip", [str(e)]
     except Exception as e:
@@ -290,6 +298,19 @@ def legend(results: List[Result], timed: bool, causal: bool) -> List[str]:
     return out
 
 
+def _busy() -> str:
+    """A warning when other processes compete for the CPU threads the timings use, else ""."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return ""
+    cores = os.cpu_count() or 1
+    if load <= max(1.0, 0.75 * cores):
+        return ""
+    return (f"warning: load average {load:.1f} on {cores} CPU cores (torch uses {torch.get_num_threads()} threads): "
+            "other processes compete for the CPU, CPU timings will be noisy")
+
+
 def _progress(msg: str) -> None:
     """Progress on a terminal's stderr, overwritten in place (the report on stdout stays one table)."""
     if sys.stderr.isatty():
@@ -346,6 +367,9 @@ def main(argv=None) -> int:
         print(f"timings: median of >= {opts.cpu_repeats} calls and >= {opts.cpu_min_s:g} s (at most {opts.cpu_max_s:g} "
               f"s) after {opts.cpu_warmup} warm-up calls (time.perf_counter) on CPU tensors"
               + ("; triton.testing.do_bench median on CUDA tensors" if device == "cuda" else ""))
+        busy = _busy()
+        if busy:
+            print(busy)
     print()
     results: List[Result] = []
     groups: Dict[tuple, List[Result]] = {}  # insertion-ordered: the table's order
@@ -400,7 +424,7 @@ def main(argv=None) -> int:
                         res.notes.append("Triton's interpreter: checked, not timed")
                     else:
                         try:
-                            res.ms_fwd, res.ms_fwdbwd = timing(enc, b, ts, opts)
+                            res.ms_fwd, res.ms_fwdbwd = timing(enc, b, ts, opts, res.notes)
                         except Exception as e:
                             res.notes.append(f"timing failed: {_why(e)}")
                 rows.append(res)
