@@ -76,9 +76,11 @@ EncHolder make_enc(const EncTensors& in, const at::Device& device, int64_t headd
     val(headdim % 2 == 0, "rotation encodings need an even headdim");
     val(given(e.t.idx1) && e.t.idx1.numel() == P && given(e.t.idx2) && e.t.idx2.numel() == P,
         "idx1/idx2 must have headdim/2 entries");
-    auto mx = std::max(e.t.idx1.max().item<int64_t>(), e.t.idx2.max().item<int64_t>());
-    auto mn = std::min(e.t.idx1.min().item<int64_t>(), e.t.idx2.min().item<int64_t>());
-    val(mn >= 0 && mx < headdim, "pair indices out of range");
+    if (!e.t.idx1.is_cuda()) {  // on CUDA this check would sync: the Python layer builds the indices itself
+      auto mx = std::max(e.t.idx1.max().item<int64_t>(), e.t.idx2.max().item<int64_t>());
+      auto mn = std::min(e.t.idx1.min().item<int64_t>(), e.t.idx2.min().item<int64_t>());
+      val(mn >= 0 && mx < headdim, "pair indices out of range");
+    }
     p.idx1 = e.t.idx1.data_ptr<int64_t>();
     p.idx2 = e.t.idx2.data_ptr<int64_t>();
   }

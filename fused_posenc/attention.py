@@ -135,7 +135,7 @@ def prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions) 
         if not softmax_scale > 0 or softmax_scale == float("inf"):
             raise ValueError(f"softmax_scale must be a finite positive number, got {softmax_scale}")
         softmax_scale = float(softmax_scale)
-    enc = resolve_encoding(encoding, d, h)
+    enc = resolve_encoding(encoding, d, h, q.device)
     enc.validate(d, h, hkv, b)
     _check_float32_scale(softmax_scale, enc.score_scale(d, softmax_scale))
     lk = k.shape[1]
@@ -145,22 +145,31 @@ def prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions) 
                    default_positions=q_positions is None and k_positions is None)
 
 
-def resolve_encoding(encoding, head_dim: int, nheads: int) -> Encoding:
-    """A name or instance to an instance; ``"fope"`` by name is built for q's head dim and head count."""
-    if isinstance(encoding, str) and encoding.lower() == "fope":
-        if head_dim % 2 or head_dim < 4:
-            raise ValueError(f"fope needs an even headdim >= 4, got headdim={head_dim}")
-        return _default_fope(head_dim, nheads)
+def resolve_encoding(encoding, head_dim: int, nheads: int, device=None) -> Encoding:
+    """A name or instance to an instance. A name gives one canonical instance per name (built once: backends
+    cache what they derive from an encoding per instance, so a new object per call would rebuild and re-copy
+    it every call); ``"fope"`` by name is built for q's head dim and head count, once per device."""
+    if isinstance(encoding, str):
+        key = encoding.lower()
+        if key == "fope":
+            if head_dim % 2 or head_dim < 4:
+                raise ValueError(f"fope needs an even headdim >= 4, got headdim={head_dim}")
+            return _default_fope(head_dim, nheads, torch.device("cpu") if device is None else torch.device(device))
+        if key not in _CANONICAL:
+            _CANONICAL[key] = get_encoding(key)  # raises for unknown names
+        return _CANONICAL[key]
     return get_encoding(encoding)
 
 
+_CANONICAL: dict = {}
 _FOPE_CACHE: dict = {}
 
 
-def _default_fope(head_dim: int, nheads: int) -> FoPE:
-    key = (head_dim, nheads)
+def _default_fope(head_dim: int, nheads: int, device: torch.device) -> FoPE:
+    """The frozen FoPE of ``"fope"`` (fixed seed: every device gets the same coefficients), on ``device``."""
+    key = (head_dim, nheads, str(device))
     if key not in _FOPE_CACHE:
-        _FOPE_CACHE[key] = get_encoding("fope", head_dim=head_dim, num_heads=nheads)
+        _FOPE_CACHE[key] = get_encoding("fope", head_dim=head_dim, num_heads=nheads).to(device)
     return _FOPE_CACHE[key]
 
 

@@ -22,7 +22,7 @@ def apply_rotary(x: torch.Tensor, encoding="rope", positions: Optional[torch.Ten
     if not x.is_floating_point():
         raise TypeError(f"x must be floating point, got {x.dtype}")
     b, t, h, d = x.shape
-    enc = resolve_encoding(encoding, d, h)
+    enc = resolve_encoding(encoding, d, h, x.device)
     if not enc.is_rotation:
         raise ValueError(f"apply_rotary needs a rotation encoding (rope, hope, fope), got {enc.name!r}")
     enc.validate(d, h, h, b)

@@ -33,10 +33,36 @@ def test_rows_without_visible_keys_are_zero(encoding):
     assert torch.isfinite(dq).all() and torch.equal(dq[:, :8], torch.zeros_like(dq[:, :8]))
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors (interpreter): on CUDA see the subprocess test below")
 def test_positions_beyond_int32_arithmetic_are_refused():
     import fused_posenc as fp
     q, k, v = make_qkv(1, 4, 4, 1, 1, 16, torch.float32, DEVICE, seed=10)
     big = torch.tensor([0, 1, 2, 2**30], device=DEVICE)
-    with pytest.raises(ValueError, match=r"positions in \[-2\^30, 2\^30\)"):
+    with pytest.raises(ValueError, match=r"k_positions \(backend='triton'\) must lie in \[-2\^30, 2\^30\)"):
         fp.fused_attention(q, k, v, "alibi", k_positions=big, backend="triton")
     fp.fused_attention(q, k, v, "alibi", k_positions=big - 1, backend="triton")  # the largest allowed
+
+
+_CUDA_REFUSAL = """
+import torch, fused_posenc as fp
+q = torch.randn(1, 4, 1, 16, device="cuda")
+big = torch.tensor([0, 1, 2, 2**30], device="cuda")
+fp.fused_attention(q, q, q, "alibi", k_positions=big - 1, backend="triton")
+torch.cuda.synchronize()
+print("largest allowed: ok", flush=True)
+fp.fused_attention(q, q, q, "alibi", k_positions=big, backend="triton")
+torch.cuda.synchronize()
+print("not refused", flush=True)
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs a CUDA device (the device assert is CUDA's)")
+def test_positions_beyond_int32_arithmetic_fail_the_stream_on_cuda():
+    """No host sync checks positions on CUDA: an asynchronous device assert fails the stream (in a subprocess,
+    since a device assert leaves the CUDA context unusable)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _CUDA_REFUSAL], capture_output=True, text=True, timeout=300)
+    assert "largest allowed: ok" in r.stdout and "not refused" not in r.stdout, r.stdout + r.stderr[-3000:]
+    assert r.returncode != 0

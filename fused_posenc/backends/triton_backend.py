@@ -4,7 +4,7 @@ Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (a slow num
 used by the CPU test suite). bf16 is refused under the interpreter: its ``tl.dot`` on bf16 operands
 is wrong there (seen with triton 3.9), and a silently wrong answer is worse than an error.
 Positions must lie in ``[-2^30, 2^30)`` (the kernels use int32 arithmetic); caller-given positions are
-checked, at the cost of one device sync.
+checked without a host-device sync (an asynchronous device assert on CUDA, a ``ValueError`` on CPU tensors).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from ..encodings.angles import check_positions_range
 
 
 def _interpreter() -> bool:
@@ -21,11 +22,13 @@ def _interpreter() -> bool:
 POSITION_BOUND = 2**30
 
 
-def _positions_fit(*positions: torch.Tensor) -> bool:
-    """Whether every position is in ``[-2^30, 2^30)``, so positions and their differences fit the kernels'
-    int32 arithmetic. Costs one device sync, only for caller-given positions."""
-    lo, hi = torch.stack([torch.stack(torch.aminmax(pos)) for pos in positions]).T.tolist()  # one sync
-    return min(lo) >= -POSITION_BOUND and max(hi) < POSITION_BOUND
+def check_positions_fit(p) -> None:
+    """Caller-given positions must lie in ``[-2^30, 2^30)`` so that positions and their differences fit the
+    kernels' int32 arithmetic; checked without a host-device sync (``check_positions_range``)."""
+    if p.default_positions:
+        return
+    for name, pos in (("q_positions", p.q_pos), ("k_positions", p.k_pos)):
+        check_positions_range(f"{name} (backend='triton')", pos, -POSITION_BOUND, POSITION_BOUND)
 
 
 class TritonBackend:
@@ -53,11 +56,10 @@ class TritonBackend:
         d, dv = q.shape[-1], p.v.shape[-1]
         if d > 256 or dv > 256:
             return False, f"head dims up to 256 are supported, got headdim={d}, headdim_v={dv}"
-        if not p.default_positions and not _positions_fit(p.q_pos, p.k_pos):
-            return False, "the Triton kernels take positions in [-2^30, 2^30) (they compute in int32)"
         return True, ""
 
     def run(self, p):
         from ..ops.triton.autograd import triton_attention
 
+        check_positions_fit(p)
         return triton_attention(p)

@@ -61,8 +61,10 @@ class ALiBi(Encoding):
 
     def slopes(self, nheads: int, batch: int, device) -> torch.Tensor:
         """``(Bs, H)`` float32 with ``Bs`` in ``{1, batch}``."""
-        s = self._slopes if self._slopes is not None else alibi_slopes(nheads)
-        s = s.to(device=device, dtype=torch.float32)
+        if self._slopes is None:
+            s = self.device_cached(("slopes", nheads), device, lambda: alibi_slopes(nheads).to(device))
+        else:
+            s = self._slopes.to(device=device, dtype=torch.float32)
         return s[None] if s.dim() == 1 else s
 
     def scores(self, q, k, q_pos, k_pos, softmax_scale):

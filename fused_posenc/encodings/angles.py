@@ -108,19 +108,32 @@ def exact_angles(positions: torch.Tensor, limbs: torch.Tensor) -> torch.Tensor:
     return torch.where(pos[..., None] < 0, -ang, ang)
 
 
-def check_positions_range(name: str, pos: torch.Tensor) -> None:
-    """Raise ``ValueError`` naming ``name`` unless every position is in ``[-2^62, 2^62)``. CPU tensors are
-    checked on the host; CUDA tensors with an asynchronous device assert (no host-device sync)."""
-    if pos.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.uint16, torch.uint32):
+def check_positions_range(name: str, pos: torch.Tensor, lo: int = -POSITION_LIMIT, hi: int = POSITION_LIMIT) -> None:
+    """Raise ``ValueError`` naming ``name`` unless every position is in ``[lo, hi)`` (default ``[-2^62, 2^62)``).
+
+    No host-device sync: the test is ``torch._assert_async``, which on a CUDA tensor is a device-side assert
+    (it fails the stream asynchronously with the message; the CUDA context is then unusable, as after any
+    device assert) and on a CPU tensor raises at once, as a ``ValueError`` with the values here.
+    """
+    if pos.numel() == 0 or (pos.dtype in _SMALL_INTS and -(2**31) >= lo and 2**31 <= hi):
         return  # cannot leave the range
-    if pos.numel() == 0:
-        return
-    lo, hi = -POSITION_LIMIT, POSITION_LIMIT
-    if pos.device.type == "cpu":
-        mn, mx = torch.aminmax(pos)
-        if int(mn) < lo or int(mx) >= hi:
-            raise ValueError(f"{name} must lie in [-2^62, 2^62) (distances |m - n| must be exact in int64), "
-                             f"got values in [{int(mn)}, {int(mx)}]")
-    else:
-        torch._assert_async(((pos >= lo) & (pos < hi)).all(),
-                            f"fused_posenc: {name} must lie in [-2^62, 2^62)")
+    msg = f"fused_posenc: {name} must lie in {_range_str(lo, hi)}"
+    ok = ((pos >= lo) & (pos < hi)).all()
+    try:
+        torch._assert_async(ok, msg)
+    except RuntimeError:  # CPU: raised now; the values are read only on this error path
+        mn, mx = torch.aminmax(pos.to(torch.int64))
+        raise ValueError(f"{msg[len('fused_posenc: '):]} (distances |m - n| must be exact), got values in "
+                         f"[{int(mn)}, {int(mx)}]") from None
+
+
+_SMALL_INTS = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.uint16, torch.uint32)
+
+
+def _range_str(lo: int, hi: int) -> str:
+    def p2(x):
+        if x != 0 and abs(x) & (abs(x) - 1) == 0:
+            return f"{'-' if x < 0 else ''}2^{abs(x).bit_length() - 1}"
+        return str(x)
+
+    return f"[{p2(lo)}, {p2(hi)})"

@@ -35,8 +35,8 @@ class KernelParams:
         ``(P, 2)`` int64 128-bit words (C++/CUDA) and ``pair_turns64`` ``(P,)`` int64 (Triton).
     pair_scale: ``(P,)`` float64 multiplying both cos and sin (YaRN's attention factor on the
         rotated pairs), ones otherwise.
-    fope_freqs: ``(Dk,)`` float64 kept frequencies, ``fope_turns`` ``(Dk, 2)`` int64 their turn
-        fractions; fope_cos_coef / fope_sin_coef: ``(H, Dk, P)``
+    fope_turns: ``(Dk, 2)`` int64: the kept frequencies as turn fractions (``FoPE.freqs`` holds them in
+        float64); fope_cos_coef / fope_sin_coef: ``(H, Dk, P)``
         float32, expanded to one slice per *query* head, zero for the padded pairs ``i >= Dout``;
         fope_pad: ``(P,)`` float32, 1 for padded pairs (whose ``C = S = 1``), 0 otherwise.
     slopes: ``(Bs, H)`` float32 ALiBi slopes, ``Bs`` in ``{1, batch}``.
@@ -52,7 +52,6 @@ class KernelParams:
     pair_turns: Optional[torch.Tensor] = None
     pair_turns64: Optional[torch.Tensor] = None
     pair_scale: Optional[torch.Tensor] = None
-    fope_freqs: Optional[torch.Tensor] = None
     fope_turns: Optional[torch.Tensor] = None
     fope_cos_coef: Optional[torch.Tensor] = None
     fope_sin_coef: Optional[torch.Tensor] = None
@@ -174,6 +173,17 @@ class Encoding:
         """A value that changes whenever the encoding's kernel parameters would: backends cache what
         ``kernel_params`` derives under it. Default: the repr, which lists every option."""
         return repr(self)
+
+    def device_cached(self, what, device, build):
+        """``build()``, cached per ``(cache_key(), what, device)`` on this instance: small constant tensors an
+        encoding needs on the device every call (a host-to-device copy per call would stall the stream)."""
+        cache = self.__dict__.setdefault("_device_cache", {})
+        key = (self.cache_key(), what, str(device))
+        if key not in cache:
+            if len(cache) >= 64:  # options changed many times: drop the oldest
+                cache.pop(next(iter(cache)))
+            cache[key] = build()
+        return cache[key]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -159,10 +159,15 @@ class FoPE(nn.Module, Encoding):
         pad = torch.zeros(p, device=device)
         pad[self.dout:] = 1.0
         return KernelParams(kind="fope", idx1=idx1.to(device), idx2=idx2.to(device), contiguous=True,
-                            fope_freqs=self.freqs.to(device), fope_turns=self.turns.to(device),
+                            fope_turns=self.turns.to(device),
                             fope_cos_coef=torch.cat([a.detach().to(device), zeros], -1).contiguous(),
                             fope_sin_coef=torch.cat([b.detach().to(device), zeros], -1).contiguous(),
                             fope_pad=pad, fope_learnable=self.learnable)
+
+    def cache_key(self):
+        # the coefficients' identity and in-place version too: kernel parameters hold copies of them
+        return (repr(self), id(self.cos_coef), self.cos_coef._version, id(self.sin_coef), self.sin_coef._version,
+                str(self.cos_coef.device))
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, num_heads={self.num_heads}, base={self.base}, "

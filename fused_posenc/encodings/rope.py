@@ -159,14 +159,19 @@ class RoPE(Encoding):
         return half_pairs(head_dim, self._d(head_dim), self.interleaved)
 
     def tables(self, positions, head_dim, nheads, nheads_kv, dtype):
-        theta, att = self.frequencies(head_dim)
-        d = self._d(head_dim)
+        limbs, scale = self.device_cached(("tables", head_dim), positions.device,
+                                          lambda: self._table_operands(head_dim, positions.device))
         # exact angles (encodings/angles.py): pos * theta reduced in turns, in float64, for any position
-        ang = exact_angles(positions, turn_limbs(theta))  # (Bp, T, P) float64 in [-pi, pi)
-        scale = torch.ones(head_dim // 2, dtype=torch.float64, device=positions.device)
-        scale[: d // 2] = att
+        ang = exact_angles(positions, limbs)  # (Bp, T, P) float64 in [-pi, pi)
         cos, sin = (torch.cos(ang) * scale).to(dtype), (torch.sin(ang) * scale).to(dtype)
         return cos[:, :, None, :], sin[:, :, None, :]
+
+    def _table_operands(self, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(turn limbs (P, 8) int64, cos/sin scale (P,) float64)`` on ``device``."""
+        theta, att = self.frequencies(head_dim)
+        scale = torch.ones(head_dim // 2, dtype=torch.float64)
+        scale[: self._d(head_dim) // 2] = att
+        return turn_limbs(theta).to(device), scale.to(device)
 
     def kernel_params(self, head_dim, nheads, nheads_kv, batch, device) -> KernelParams:
         idx1, idx2 = self.pairs(head_dim)
