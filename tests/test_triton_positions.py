@@ -66,3 +66,45 @@ def test_positions_beyond_int32_arithmetic_fail_the_stream_on_cuda():
     r = subprocess.run([sys.executable, "-c", _CUDA_REFUSAL], capture_output=True, text=True, timeout=300)
     assert "largest allowed: ok" in r.stdout and "not refused" not in r.stdout, r.stdout + r.stderr[-3000:]
     assert r.returncode != 0
+
+
+def test_causal_bounds_are_tight_for_ascending_positions_and_safe_otherwise():
+    from fused_posenc.ops.triton.bounds import causal_bounds
+
+    lq, lk = 40, 70
+    k_pos = torch.arange(lk)[None] * 2  # even positions 0..138
+    q_pos = torch.arange(lq)[None] * 3 + 20
+    kend, qstart = causal_bounds(q_pos, k_pos)
+    for c in range(kend.shape[1]):  # keys visible to the chunk's last query: k_pos <= max q_pos of the chunk
+        qmax = q_pos[0, c * 16:(c + 1) * 16].max()
+        assert kend[0, c] == int((k_pos[0] <= qmax).sum())
+    for c in range(qstart.shape[1]):  # first query that sees the chunk's first key
+        kmin = k_pos[0, c * 16:(c + 1) * 16].min()
+        assert qstart[0, c] == int((q_pos[0] < kmin).sum())
+    shuffled = k_pos[:, torch.randperm(lk, generator=torch.Generator().manual_seed(0))]
+    kend2, _ = causal_bounds(q_pos, shuffled)
+    assert (kend2 == lk).all()  # keys out of order: no prefix to skip to
+    _, qstart2 = causal_bounds(q_pos.flip(1), k_pos)
+    assert (qstart2 == 0).all()
+    kend3, qstart3 = causal_bounds(torch.stack([q_pos[0], q_pos[0] + 1000]), k_pos)  # per-batch rows
+    assert kend3.shape == (2, 3) and (kend3[1] == lk).all() and (qstart3[1] == 0).all()
+
+
+@pytest.mark.parametrize("encoding", ["rope", "alibi", "tapa"])
+@pytest.mark.parametrize("lq,lk", [(37, 37), (19, 50), (50, 19)])
+def test_explicit_ascending_positions_equal_the_default_ones(encoding, lq, lk):
+    """Causal tile skipping with caller-given positions (bounds.py) gives exactly the default-position result,
+    and per-batch ascending positions with gaps and offsets match the reference."""
+    import fused_posenc as fp
+
+    q, k, v = make_qkv(2, lq, lk, 2, 1, 32, torch.float32, DEVICE, seed=12)
+    q_pos = torch.arange(lk - lq, lk, device=DEVICE)
+    k_pos = torch.arange(lk, device=DEVICE)
+    base = fp.fused_attention(q, k, v, encoding, causal=True, backend="triton")
+    given = fp.fused_attention(q, k, v, encoding, causal=True, q_positions=q_pos, k_positions=k_pos, backend="triton")
+    torch.testing.assert_close(given, base, atol=1e-6, rtol=1e-6)
+    g = torch.Generator().manual_seed(3)
+    k_pos2 = torch.stack([torch.sort(torch.randperm(4 * lk, generator=g)[:lk]).values + 500 * i for i in range(2)])
+    q_pos2 = torch.stack([torch.sort(torch.randint(0, 4 * lk, (lq,), generator=g)).values + 500 * i
+                          for i in range(2)])
+    check_triton(q, k, v, encoding, True, q_positions=q_pos2.to(DEVICE), k_positions=k_pos2.to(DEVICE))

@@ -8,6 +8,7 @@ import torch
 
 from ..autograd_util import single_backward
 from ...backends.common import learnable_slopes
+from .bounds import causal_bounds
 from .bwd import attn_bwd
 from .fwd import attn_fwd
 from .plan import Plan, make_plan
@@ -40,7 +41,10 @@ class TritonAttention(torch.autograd.Function):
         k_tab = None if tck is None else (tck, tsk)
         k_arg = k if inline else rotate_tensor(k, k_pos, plan, plan.k_heads_rot, default_pos, nheads=q.shape[2],
                                                tables=k_tab)
-        out, lse = attn_fwd(q, k_arg, v, q_pos, k_pos, plan, causal, default_pos, rotate_k=inline, q_tables=q_tab)
+        bounds = causal_bounds(q_pos, k_pos) if causal and not default_pos else None  # tile skipping
+        out, lse = attn_fwd(q, k_arg, v, q_pos, k_pos, plan, causal, default_pos, rotate_k=inline, q_tables=q_tab,
+                            bounds=bounds)
+        ctx.bounds = bounds
         ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, tcq, tsq, tck, tsk)
         ctx.slopes_batch = None if slopes is None else slopes.shape[0]
         ctx.plan, ctx.causal, ctx.default_pos, ctx.inline = plan, causal, default_pos, inline
@@ -61,7 +65,7 @@ class TritonAttention(torch.autograd.Function):
         slope_grad = ctx.slopes_batch is not None and ctx.needs_input_grad[7]
         dq, dk, dv, tabs, dslopes = attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan, ctx.causal, ctx.default_pos,
                                              rotate_stream=inline, q_rot=q_rot, k_rot=k_rot, q_tables=q_tab,
-                                             k_tables=k_tab, slope_grad=slope_grad)
+                                             k_tables=k_tab, slope_grad=slope_grad, bounds=ctx.bounds)
         if dslopes is not None and ctx.slopes_batch == 1:  # (B, H) -> the slopes' (1, H)
             dslopes = dslopes.sum(0, keepdim=True)
         grads = [None] * 4

@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fwd import dot_precision, enc_args, table_strides
-from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, head_layout, load_encoded, load_part, part_dots, positions,
+from .fwd import bounds_args, dot_precision, enc_args, table_strides
+from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, causal_key_end, causal_query_start, head_layout, load_encoded, load_part, part_dots, positions,
                     program_ids, rotate, rotate_back, rotation_tables, score_grads, scores_log2, store_part, visible)
 from .plan import Plan, interpreter
 from .tuning import configs, pruner
@@ -49,7 +49,7 @@ def attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvt, stride_dvh, stride_dvd,
     stride_qpos_b, stride_kpos_b, stride_slope_b, stride_tab_b, stride_tab_t,
     LQ, LK, H, HKV, Q_GROUP, TAB_GROUP, P1, P2, DV, q_pos_offset,
-    scale, phase, alpha,
+    scale, phase, alpha, BOUNDS, stride_bounds_b, N_BOUNDS,
     ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr,
     ROTATE_STREAM: tl.constexpr, FOPE_GRAD: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
@@ -86,6 +86,8 @@ def attn_bwd_dkdv_kernel(
     if CAUSAL and DEFAULT_POS:
         # queries whose position reaches this block's first key
         lo = tl.maximum(pid_n * BLOCK_N - q_pos_offset, 0) // BLOCK_M * BLOCK_M
+    if CAUSAL and not DEFAULT_POS:
+        lo = causal_query_start(BOUNDS + i_b64 * stride_bounds_b, pid_n, N_BOUNDS, LQ, BLOCK_N, BLOCK_M)
     for g in range(0, Q_GROUP):
         i_h = i_hk * Q_GROUP + g
         b_kr1 = b_k1
@@ -162,7 +164,7 @@ def attn_bwd_dq_kernel(
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
     stride_qpos_b, stride_kpos_b, stride_slope_b, stride_tab_b, stride_tab_t,
     LQ, LK, H, KV_GROUP, K_GROUP, TAB_GROUP, P1, P2, DV, q_pos_offset,
-    scale, phase, alpha,
+    scale, phase, alpha, BOUNDS, stride_bounds_b, N_BOUNDS,
     ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr,
     ROTATE_STREAM: tl.constexpr, FOPE_GRAD: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
@@ -210,6 +212,8 @@ def attn_bwd_dq_kernel(
     hi = LK
     if CAUSAL and DEFAULT_POS:
         hi = tl.minimum(LK, tl.maximum((pid_m + 1) * BLOCK_M + q_pos_offset, 0))
+    if CAUSAL and not DEFAULT_POS:
+        hi = causal_key_end(BOUNDS + i_b64 * stride_bounds_b, pid_m, N_BOUNDS, BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < LK
@@ -246,14 +250,16 @@ def attn_bwd_dq_kernel(
 
 
 def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool,
-             rotate_stream: bool, q_rot=None, k_rot=None, q_tables=None, k_tables=None, slope_grad: bool = False):
+             rotate_stream: bool, q_rot=None, k_rot=None, q_tables=None, k_tables=None, slope_grad: bool = False,
+             bounds=None):
     """Launch the backward kernels.
 
     ``q_rot`` (B, Lq, H, D) and ``k_rot`` (B, Lk, Hk', D) are the pre-rotated streaming operands
     (used when ``rotate_stream`` is False). Returns ``dq, dk, dv`` and, for learnable FoPE, the table
     gradients ``(dC, dS)`` of shape (B, rows, H, P) for the queries and the keys (else ``None``), and
     ALiBi's ``dL/dslopes`` ``(B, H)`` float32 when ``slope_grad`` (else ``None``).
-    ``q_tables``/``k_tables``: FoPE ``(cos, sin)`` tables of the query and key rows.
+    ``q_tables``/``k_tables``: FoPE ``(cos, sin)`` tables of the query and key rows; ``bounds``: as for
+    ``attn_fwd``.
     """
     b, lq, h, d = q.shape
     lk, hkv, dv = v.shape[1], v.shape[2], v.shape[3]
@@ -284,13 +290,14 @@ def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, defa
     attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)](
         q_stream, k, v, do, lse, delta, dk, dv_, tabs[2], tabs[3], q_pos, k_pos, plan.idx1, plan.idx2,
         *enc_args(plan, k_tables), *q_stream.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
-        *dv_.stride(), *pos_strides, kt_b, kt_t, lq, lk, h, hkv, h // hkv, kt_group, *scalars, **common)
+        *dv_.stride(), *pos_strides, kt_b, kt_t, lq, lk, h, hkv, h // hkv, kt_group, *scalars,
+        *bounds_args(plan.idx1 if bounds is None else bounds[1], bounds is not None), **common)
     slope_grad = slope_grad and plan.enc == 3
     dslope = torch.empty(b, h, lq, device=q.device, dtype=torch.float32) if slope_grad else delta
     attn_bwd_dq_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)](
         q, k_stream, v, do, lse, delta, dq, tabs[0], tabs[1], dslope, q_pos, k_pos, plan.idx1, plan.idx2,
         *enc_args(plan, q_tables), *q.stride(), *k_stream.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        *pos_strides, qt_b, qt_t, lq, lk, h, h // hkv, h // k_stream.shape[2], qt_group, *scalars, **common,
-        SLOPE_GRAD=slope_grad)
+        *pos_strides, qt_b, qt_t, lq, lk, h, h // hkv, h // k_stream.shape[2], qt_group, *scalars,
+        *bounds_args(plan.idx1 if bounds is None else bounds[0], bounds is not None), **common, SLOPE_GRAD=slope_grad)
     tables = (tabs[0], tabs[1], tabs[2], tabs[3]) if fope_grad else None
     return dq, dk, dv_, tables, (dslope.sum(-1) if slope_grad else None)

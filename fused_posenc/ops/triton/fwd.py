@@ -7,7 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .hooks import ENC_ALIBI, head_layout, load_encoded, part_dots, positions, program_ids, scores_log2, visible
+from .hooks import (ENC_ALIBI, causal_key_end, head_layout, load_encoded, part_dots, positions, program_ids, scores_log2,
+                    visible)
 from .plan import Plan, interpreter
 from .tuning import configs, pruner
 
@@ -25,7 +26,7 @@ def attn_fwd_kernel(
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_qpos_b, stride_kpos_b, stride_slope_b, stride_tab_b, stride_tab_t,
     LQ, LK, H, KV_GROUP, K_GROUP, TAB_GROUP, P1, P2, DV, q_pos_offset,
-    scale, phase, alpha,
+    scale, phase, alpha, BOUNDS, stride_bounds_b, N_BOUNDS,
     ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr,
     ROTATE_K: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
@@ -62,6 +63,8 @@ def attn_fwd_kernel(
     if CAUSAL and DEFAULT_POS:
         # keys n <= largest query position of this block
         hi = tl.minimum(LK, tl.maximum((pid_m + 1) * BLOCK_M + q_pos_offset, 0))
+    if CAUSAL and not DEFAULT_POS:
+        hi = causal_key_end(BOUNDS + i_b64 * stride_bounds_b, pid_m, N_BOUNDS, BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < LK
@@ -112,11 +115,20 @@ def table_strides(plan: Plan, tables, nheads: int):
     return (tc.stride(0) if tc.shape[0] > 1 else 0), tc.stride(1), nheads // tc.shape[2]
 
 
-def attn_fwd(q, k, v, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool, rotate_k: bool, q_tables=None):
+def bounds_args(t: torch.Tensor, used: bool):
+    """``(pointer, batch stride, chunks)`` of a causal-bounds tensor (``bounds.py``), or of a placeholder."""
+    if not used:
+        return t, 0, 0
+    return t, (t.stride(0) if t.shape[0] > 1 else 0), t.shape[1]
+
+
+def attn_fwd(q, k, v, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool, rotate_k: bool, q_tables=None,
+             bounds=None):
     """Launch the forward kernel.
 
     q: (B, Lq, H, D); k: (B, Lk, Hk, D) (raw, or pre-rotated when ``rotate_k`` is False);
-    v: (B, Lk, Hkv, Dv); q_pos/k_pos: (Bp, L) int64. Returns ``out (B, Lq, H, Dv)``, ``lse (B, H, Lq)``
+    v: (B, Lk, Hkv, Dv); q_pos/k_pos: (Bp, L) int64; ``bounds``: ``bounds.causal_bounds`` of the positions
+    (causal with caller-given positions; else ``None``). Returns ``out (B, Lq, H, Dv)``, ``lse (B, H, Lq)``
     (float32, log2 domain).
     """
     b, lq, h, _ = q.shape
@@ -128,13 +140,14 @@ def attn_fwd(q, k, v, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool,
         return (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
 
     tab_b, tab_t, tab_group = table_strides(plan, q_tables, h)
+    kend = plan.idx1 if bounds is None else bounds[0]
     attn_fwd_kernel[grid](
         q, k, v, out, lse, q_pos, k_pos, plan.idx1, plan.idx2, *enc_args(plan, q_tables),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         q_pos.stride(0) if q_pos.shape[0] > 1 else 0, k_pos.stride(0) if k_pos.shape[0] > 1 else 0,
         plan.slope_stride_b, tab_b, tab_t,
         lq, lk, h, h // hkv, h // k.shape[2], tab_group, plan.p1, plan.p2, dv, lk - lq,
-        plan.scale, plan.phase, plan.alpha,
+        plan.scale, plan.phase, plan.alpha, *bounds_args(kend, bounds is not None),
         ENC=plan.enc, CAUSAL=causal, DEFAULT_POS=default_pos, GATHER=plan.gather, ROTATE_K=rotate_k,
         PREC=dot_precision(q.dtype), DTYPE_KEY=str(q.dtype), FAST=not interpreter(),
         BLOCK_P1=plan.block_p1, BLOCK_P2=plan.block_p2, BLOCK_DV=triton.next_power_of_2(max(dv, 16)),

@@ -222,6 +222,23 @@ def score_grads(ds, d1, d2, pos_m, pos_n, scale, phase, alpha, ENC: tl.constexpr
 
 
 @triton.jit
+def causal_key_end(p_kend, pid_m, n_chunks, BLOCK_M: tl.constexpr):
+    """End of the keys query block ``pid_m`` can see under the causal rule with caller-given positions: the
+    largest ``kend`` of its 16-row chunks (``bounds.py``; ``Lk`` when the key positions do not ascend)."""
+    o_c = pid_m * (BLOCK_M // 16) + tl.arange(0, BLOCK_M // 16)
+    return tl.max(tl.load(p_kend + o_c, mask=o_c < n_chunks, other=0), 0)
+
+
+@triton.jit
+def causal_query_start(p_qstart, pid_n, n_chunks, LQ, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """First query (rounded down to a whole ``BLOCK_M``) that can see a key of block ``pid_n`` under the causal
+    rule with caller-given positions: the smallest ``qstart`` of its 16-key chunks (0 when the query positions
+    do not ascend)."""
+    o_c = pid_n * (BLOCK_N // 16) + tl.arange(0, BLOCK_N // 16)
+    return tl.min(tl.load(p_qstart + o_c, mask=o_c < n_chunks, other=LQ), 0) // BLOCK_M * BLOCK_M
+
+
+@triton.jit
 def visible(pos_m, pos_n, m_m, m_n, CAUSAL: tl.constexpr):
     """``[BM, BN]`` mask of the (query, key) pairs that take part in the softmax."""
     mask = m_m[:, None] & m_n[None, :]
