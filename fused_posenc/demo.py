@@ -333,8 +333,8 @@ def main(argv=None) -> int:
                     "(default 20)")
     ap.add_argument("--min-time", type=float, default=0.5, help="CPU timing: ... adding up to at least this many "
                     "seconds (default 0.5)")
-    ap.add_argument("--max-time", type=float, default=2.0, help="CPU timing: ... but at most this many seconds "
-                    "per measurement, whatever the count (default 2; a bound on a busy machine)")
+    ap.add_argument("--max-time", type=float, default=1.0, help="CPU timing: ... but at most this many seconds "
+                    "per measurement, whatever the count (default 1; a bound on a busy machine)")
     ap.add_argument("--seqlen", type=int, help="CPU check/timing sequence length (default 100)")
     args = ap.parse_args(argv)
 
