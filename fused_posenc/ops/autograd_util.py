@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -28,3 +29,30 @@ def single_backward(backward):
         return backward(ctx, *grads)
 
     return wrapper
+
+
+class PerEncodingCache:
+    """What a backend derives from an encoding (kernel parameters, a plan), cached per encoding object and keyed
+    by ``Encoding.cache_key()`` plus the call's shape (the key changes with the options and, for FoPE and given
+    ALiBi slopes, with the tensors' in-place versions, so nothing stale is reused). Built under no_grad: the cache
+    holds detached copies, never a graph. At most ``limit`` entries per encoding (learnable tensors make a new
+    version every step); an encoding that cannot be weakly referenced is not cached."""
+
+    def __init__(self, limit: int = 16):
+        self.limit = limit
+        self._store: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def get(self, enc, key, build):
+        key = (enc.cache_key(), *key)
+        try:
+            per_enc = self._store.setdefault(enc, {})
+        except TypeError:
+            per_enc = {}
+        value = per_enc.get(key)
+        if value is None:
+            with torch.no_grad():
+                value = build()
+            if len(per_enc) >= self.limit:
+                per_enc.pop(next(iter(per_enc)))
+            per_enc[key] = value
+        return value

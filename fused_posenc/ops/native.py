@@ -11,12 +11,10 @@ expansion (``repeat_interleave``/``expand``/``cat``) sums them back to the modul
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from ..backends.common import learnable_slopes
-from .autograd_util import single_backward
+from .autograd_util import PerEncodingCache, single_backward
 
 _KIND = {"none": 0, "rotary": 1, "fope": 2, "alibi": 3, "tapa": 4}
 
@@ -88,26 +86,7 @@ class NativeAttention(torch.autograd.Function):
         return dq, dk, dv, dA, dB, dslopes, None, None, None, None, None
 
 
-_PARAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _cached_params(enc, d, h, hkv, b, device):
-    """``enc.kernel_params`` cached per encoding object and keyed by ``Encoding.cache_key`` (which changes with
-    the options and, for FoPE and given ALiBi slopes, with the tensors' in-place versions): a call then copies
-    nothing to the device. Built under no_grad: the cache holds detached copies, never a graph."""
-    key = (enc.cache_key(), d, h, hkv, b, str(device))
-    try:
-        per_enc = _PARAMS.setdefault(enc, {})
-    except TypeError:  # not weak-referenceable: no cache
-        per_enc = {}
-    kp = per_enc.get(key)
-    if kp is None:
-        with torch.no_grad():
-            kp = enc.kernel_params(d, h, hkv, b, device)
-        if len(per_enc) >= 16:  # e.g. learnable coefficients: a new version every step
-            per_enc.pop(next(iter(per_enc)))
-        per_enc[key] = kp
-    return kp
+_PARAMS = PerEncodingCache()  # kernel parameters on the device: a call copies nothing
 
 
 # --- public ----------------------------------------------------------------------------------------------
@@ -120,7 +99,7 @@ def native_attention(problem, name: str = "cpu") -> torch.Tensor:
     enc = p.encoding
     b, lq, lk, h, hkv, d, dv = p.shape
     dev = p.q.device
-    kp = _cached_params(enc, d, h, hkv, b, dev)
+    kp = _PARAMS.get(enc, (d, h, hkv, b, str(dev)), lambda: enc.kernel_params(d, h, hkv, b, dev))
     scale = float(enc.score_scale(d, p.softmax_scale))
     cos_coef = sin_coef = slopes = _empty(dev)
     if kp.kind == "fope":

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 
-from ..autograd_util import single_backward
+from ..autograd_util import PerEncodingCache, single_backward
 from ...backends.common import learnable_slopes
 from .bounds import causal_bounds
 from .bwd import attn_bwd
@@ -15,8 +14,7 @@ from .plan import Plan, make_plan
 from .rotate import rotate_tensor
 
 STREAM_MODES = ("pre", "inline")
-_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_PLANS_PER_ENCODING = 16
+_PLANS = PerEncodingCache()
 
 
 def stream_mode(plan: Plan) -> str:
@@ -85,7 +83,7 @@ def _reduce_table_grad(g, table):
 
 def fope_tables(enc, pos: torch.Tensor):
     """FoPE ``(C, S)`` for rows at ``pos (Bp, L)``: ``(Bp, L, Hc, P)`` float32, contiguous, differentiable
-    w.r.t. the coefficients. Angles in float32 like every backend; the Fourier sums in float64 (a TF32
+    w.r.t. the coefficients. Exact angles (``encodings/angles.py``); the Fourier sums in float64 (a TF32
     matmul would cost ~1e-3 of relative accuracy), then rounded to float32. The kernels map query head
     ``h`` to table head ``h // (nheads // Hc)``."""
     c, s = enc.fourier_tables(pos, enc.cos_coef, enc.sin_coef, torch.float32, sum_dtype=torch.float64)
@@ -93,22 +91,9 @@ def fope_tables(enc, pos: torch.Tensor):
 
 
 def _cached_plan(enc, d, h, hkv, b, device, scale) -> Plan:
-    """The plan of (encoding, shape, device), cached per encoding object and keyed by its current options
-    (``Encoding.cache_key``), so an option changed after a call is seen."""
-    key = (enc.cache_key(), d, h, hkv, b, str(device), scale)
-    try:
-        per_enc = _PLANS.setdefault(enc, {})
-    except TypeError:  # not weak-referenceable: no cache
-        per_enc = {}
-    plan = per_enc.get(key)
-    if plan is None:
-        with torch.no_grad():  # the plan keeps detached copies (a learnable tensor's graph must not be cached)
-            kp = enc.kernel_params(d, h, hkv, b, device)
-        plan = make_plan(kp, d, h, hkv, scale, device, fope_heads=getattr(enc, "num_heads", 1))
-        if len(per_enc) >= _PLANS_PER_ENCODING:  # e.g. learnable ALiBi slopes: a new version every step
-            per_enc.pop(next(iter(per_enc)))
-        per_enc[key] = plan
-    return plan
+    """The plan of (encoding, shape, device), cached per encoding object (``PerEncodingCache``)."""
+    return _PLANS.get(enc, (d, h, hkv, b, str(device), scale), lambda: make_plan(
+        enc.kernel_params(d, h, hkv, b, device), d, h, hkv, scale, device, fope_heads=getattr(enc, "num_heads", 1)))
 
 
 def triton_attention(p) -> torch.Tensor:
