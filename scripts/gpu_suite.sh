@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install, GPU tests, benchmark subset, demo; logs and CSVs under $OUT.
+# A session's FIRST call on a GPU machine is scripts/gpu_first_call.sh (results within 15 device-minutes,
+# each written as it is made); this suite is for later calls.
 #
 #   bash scripts/gpu_suite.sh [tests] [native] [probe] [bench] [demo]     (default: all of them)
 #
 # Env: SKIP_EXT=1 (no C++/CUDA build), TEST_TIMEOUT (s, per pytest step), BENCH_BUDGET (s),
-#      BENCH_ARGS (extra benchmarks/run.py args), PROBE_SEQLENS (e.g. 1024,4096),
+#      BENCH_ARGS (extra benchmarks/run.py args), PROBE_SEQLENS (e.g. 4096,1024: the first is the probe's main
+#      shape, see scripts/gpu_probe.py),
 #      SUITE_BUDGET (s, default 560: the device tool stops a command at 600 s). Every step's timeout is cut to
 #      what is left of the budget; a step with less than 30 s left is not started and fails the run, so
 #      split a long run into calls: `bash scripts/gpu_suite.sh tests`, then `native probe`, then `bench demo`.
@@ -54,7 +57,8 @@ python3 -c "import xdist" 2> /dev/null && XDIST="-n 8"
 
 run_pytest() {  # name, pytest args...
   local name=$1; shift
-  timeout "$(left "${TEST_TIMEOUT:-420}")" python3 -m pytest -q -rfEs -p no:cacheprovider $XDIST "$@" > "$LOGS/pytest_$name.log" 2>&1
+  # -v: one line per test as it ends, so a timeout keeps every result before it
+  timeout "$(left "${TEST_TIMEOUT:-420}")" python3 -m pytest -v -rfEs -p no:cacheprovider $XDIST "$@" > "$LOGS/pytest_$name.log" 2>&1
   local r=$?
   rc=$((rc | r))
   summary "pytest $name rc=$r: $(tail -1 "$LOGS/pytest_$name.log")"
@@ -72,7 +76,8 @@ for s in $steps; do
       fi
       run_pytest native tests/test_native_cuda.py tests/test_native_cpu.py ;;
     probe)
-      timeout "$(left "${PROBE_TIMEOUT:-200}")" python3 scripts/gpu_probe.py --seqlens "${PROBE_SEQLENS:-1024,4096}" \
+      t=$(left "${PROBE_TIMEOUT:-200}")
+      timeout "$t" python3 scripts/gpu_probe.py --seqlens "${PROBE_SEQLENS:-4096,1024}" --budget $((t - 10)) \
         --csv "$OUT/probe.csv" > "$LOGS/probe.log" 2>&1
       r=$?; rc=$((rc | r)); summary "probe rc=$r"; grep -v Warn "$LOGS/probe.log" | tail -40 ;;
     bench)
