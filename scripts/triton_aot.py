@@ -1,157 +1,355 @@
 """Compile the Triton kernels ahead of time for an NVIDIA target, no GPU needed (Triton's own
 compiler pipeline down to a cubin through ptxas). It proves that every kernel variant lowers for
-real hardware, and reports each variant's shared memory, registers and spills (``ptxas -v``).
+real hardware and, with ``--sass``, reports what each variant's compiled code does per tile.
 
     python scripts/triton_aot.py                      # sm_90: every variant, head dims 64/128/256, every config
     python scripts/triton_aot.py --quick --arch 80    # the first (preferred) config of each variant
     python scripts/triton_aot.py --ptxas --csv out.csv   # + registers and spills per variant
+    python scripts/triton_aot.py --quick --sass --dims 128 --dtypes bf16 --csv s.csv --md s.md
+        # + the main loop's SASS: instructions per thread per tile, HGMMA, MUFU, LDL/STL, barriers
+    python scripts/triton_aot.py --md s.md --from s.csv  # re-render the Markdown report of CSV rows
 
-Exit status 1 if any variant fails to compile or a variant has no config that fits the target's
-shared memory. Runs with ``TRITON_INTERPRET`` unset (the interpreter has no compiler).
+**Specialisation.** A kernel is compiled exactly as Triton's JIT would compile it for a realistic call
+(``--batch 2 --seqlen 4096``, ``nheads = 2048 / headdim``, contiguous ``(B, L, H, D)`` tensors): the
+package's own launchers run on ``meta`` tensors with every Triton kernel replaced by a recorder, and the
+recorded arguments go through the JIT's binder (``create_function_from_signature`` + ``_pack_args``, the
+code ``JITFunction.run`` runs; same in triton 3.6 and 3.9): 16-byte-aligned pointers and integers
+divisible by 16 get ``tt.divisibility=16``, integers equal to 1 (``stride_d``, group sizes) become
+constants. ``--no-specialize`` compiles the same arguments without it (no divisibility, ints as ``i32``),
+as this script did before: that loop is not the loop a GPU runs (nothing is pipelined).
+
+The SASS histogram is ``shared/tools/sass_loop.py`` (``--sass-tool``) run on each cubin; registers and
+spills come from the ``ptxas -v`` log of the compile itself.
+
+Exit status 1 if any variant fails to compile, a variant has no config that fits the target's shared
+memory, or a recorded call lacks the constexprs its variant stands for. Runs with ``TRITON_INTERPRET``
+unset (the interpreter has no compiler).
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import csv
+import io
 import itertools
 import multiprocessing
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
+import torch  # noqa: E402
 import triton  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from fused_posenc.ops.triton import bwd, fwd, rotate, tuning  # noqa: E402
-from fused_posenc.ops.triton.plan import pow2  # noqa: E402
+import fused_posenc.ops.triton as triton_ops  # noqa: E402
+from fused_posenc.attention import Problem  # noqa: E402
+from fused_posenc.encodings import ALiBi, NoPE, RoPE, TAPA  # noqa: E402
+from fused_posenc.encodings.fope import FoPE  # noqa: E402
+from fused_posenc.ops.triton import autograd  # noqa: E402
 
 SMEM_LIMIT = {80: 166912, 90: 232448}  # opt-in shared memory per block (bytes): A100, H100/H200
-TL_DTYPE = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
-TORCH_KEY = {"fp16": "torch.float16", "bf16": "torch.bfloat16", "fp32": "torch.float32"}
-FP32_PTRS = {"LSE", "DELTA", "DSLOPE", "FSCALE", "TC", "TS", "SLOPES", "DCK", "DSK", "DCQ", "DSQ"}
-I64_PTRS = {"QPOS", "KPOS", "POS", "FREQ"}  # FREQ: 64-bit turn fractions
-I32_PTRS = {"IDX1", "IDX2", "BOUNDS"}  # BOUNDS: causal tile bounds (ops/triton/bounds.py)
-IO_PTRS = {"Q", "K", "V", "O", "DO", "DK", "DV_OUT", "DQ", "X", "Y"}
-FLOATS = {"scale", "phase", "alpha"}
-# (name, ENC code, constexpr overrides) as the launchers pass them: GATHER = interleaved / partial rotary,
-# FOPE_GRAD = learnable FoPE, INLINE = streaming operand rotated per tile (FUSED_POSENC_ROTATE_STREAM=inline),
-# explicit = caller-given positions (no block skipping), non-causal
-EXPLICIT = {"CAUSAL": False, "DEFAULT_POS": False}
-ENCODINGS = [("none", 0, {}), ("rope", 1, {}), ("rope-gather", 1, {"GATHER": True}), ("rope-inline", 1, {"INLINE": True}),
-             ("rope-explicit", 1, EXPLICIT), ("fope", 2, {}), ("fope-learnable", 2, {"FOPE_GRAD": True}),
-             ("alibi", 3, {}), ("alibi-explicit", 3, EXPLICIT), ("alibi-learnable", 3, {"SLOPE_GRAD": True}), ("tapa", 4, {}), ("tapa-explicit", 4, EXPLICIT)]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+KERNEL_KIND = {"attn_fwd_kernel": "fwd", "attn_bwd_dkdv_kernel": "bwd_dkdv", "attn_bwd_dq_kernel": "bwd_dq",
+               "attn_bwd_preprocess_kernel": "bwd_preprocess", "rotate_fwd_kernel": "rotate"}
+EXPLICIT = {"explicit": True}  # caller-given positions (B, L), as Hugging Face passes position_ids
 
 
-def signature(fn, dtype: str, constexprs: dict) -> dict:
-    sig = {}
-    for p in fn.params:
-        n = p.name
-        if p.is_constexpr:
-            sig[n] = "constexpr"
-        elif n in IO_PTRS:
-            sig[n] = "*" + TL_DTYPE[dtype]
-        elif n in FP32_PTRS:
-            sig[n] = "*fp32"
-        elif n in I64_PTRS:
-            sig[n] = "*i64"
-        elif n in I32_PTRS:
-            sig[n] = "*i32"
-        elif n in FLOATS:
-            sig[n] = "fp32"
+def _alibi_learnable(d, h):
+    return ALiBi(torch.linspace(0.5, 0.01, h, device="meta").requires_grad_())
+
+
+# name -> (encoding factory (head dim, heads), call options, constexprs the recorded calls must carry).
+# Call options: explicit positions, causal, FUSED_POSENC_ROTATE_STREAM. GATHER = interleaved pairs,
+# FOPE_GRAD = learnable FoPE, SLOPE_GRAD = learnable ALiBi slopes, ROTATE_K = streaming operand rotated inline.
+VARIANTS = {
+    "none": (lambda d, h: NoPE(), {}, {"ENC": 0}),
+    "none-noncausal": (lambda d, h: NoPE(), {"causal": False}, {"ENC": 0, "CAUSAL": False}),
+    "rope": (lambda d, h: RoPE(), {}, {"ENC": 1, "GATHER": False}),
+    "rope-gather": (lambda d, h: RoPE(interleaved=True), {}, {"ENC": 1, "GATHER": True}),
+    "rope-inline": (lambda d, h: RoPE(), {"stream": "inline"}, {"ENC": 1, "ROTATE_K": True}),
+    "rope-explicit": (lambda d, h: RoPE(), EXPLICIT, {"ENC": 1, "DEFAULT_POS": False, "CAUSAL": True}),
+    "fope": (lambda d, h: FoPE(head_dim=d), {}, {"ENC": 2}),
+    "fope-learnable": (lambda d, h: FoPE(head_dim=d, learnable=True).to("meta"), {}, {"ENC": 2, "FOPE_GRAD": True}),
+    "alibi": (lambda d, h: ALiBi(), {}, {"ENC": 3}),
+    "alibi-explicit": (lambda d, h: ALiBi(), EXPLICIT, {"ENC": 3, "DEFAULT_POS": False}),
+    "alibi-learnable": (_alibi_learnable, {}, {"ENC": 3, "SLOPE_GRAD": True}),
+    "tapa": (lambda d, h: TAPA(), {}, {"ENC": 4}),
+    "tapa-explicit": (lambda d, h: TAPA(), EXPLICIT, {"ENC": 4, "DEFAULT_POS": False}),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a realistic call, recorded
+
+
+class _Recorder:
+    """Stands in for a kernel object: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.kernel, args, kwargs))
+
+
+def _is_kernel(obj) -> bool:
+    return isinstance(obj, (JITFunction, triton.runtime.Autotuner, triton.runtime.Heuristics))
+
+
+def jit_fn(kernel) -> JITFunction:
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+@contextlib.contextmanager
+def recording(calls):
+    """Replace every Triton kernel object in the ``fused_posenc.ops.triton`` modules by a recorder."""
+    import importlib
+    import pkgutil
+    saved = []
+    for info in pkgutil.iter_modules(triton_ops.__path__):
+        mod = importlib.import_module(f"{triton_ops.__name__}.{info.name}")
+        for name, obj in list(vars(mod).items()):
+            if _is_kernel(obj):
+                saved.append((mod, name, obj))
+                setattr(mod, name, _Recorder(obj, calls))
+    try:
+        yield
+    finally:
+        for mod, name, obj in saved:
+            setattr(mod, name, obj)
+
+
+def record_call(variant: str, dtype: str, d: int, batch: int, seqlen: int, model_dim: int):
+    """The kernel launches of one forward + backward of ``variant``: ``[(kernel, args, kwargs)]``, in order.
+
+    The launchers run for real (plan, pre-rotation, tables, bounds) on ``meta`` tensors: nothing is computed,
+    every pointer is 16-byte aligned (as CUDA's allocator returns), every integer is what a GPU call passes."""
+    make_enc, opts, _ = VARIANTS[variant]
+    h = max(1, model_dim // d)
+    enc = make_enc(d, h)
+    dt = DTYPES[dtype]
+    q, k, v = (torch.empty(batch, seqlen, h, d, device="meta", dtype=dt, requires_grad=True) for _ in range(3))
+    pos = torch.arange(seqlen, device="meta")[None]
+    if opts.get("explicit"):
+        pos = pos.expand(batch, seqlen).contiguous()
+    calls: list = []
+    old = os.environ.get("FUSED_POSENC_ROTATE_STREAM")
+    os.environ["FUSED_POSENC_ROTATE_STREAM"] = opts.get("stream", "pre")
+    try:
+        with recording(calls):
+            prob = Problem(q, k, v, enc, opts.get("causal", True), None, pos, pos, not opts.get("explicit", False))
+            out = autograd.triton_attention(prob)
+            wrt = [q, k, v] + [t for t in (getattr(enc, "_slopes", None), getattr(enc, "cos_coef", None))
+                               if isinstance(t, torch.Tensor) and t.requires_grad]
+            torch.autograd.grad(out, wrt, torch.empty_like(out), allow_unused=True)
+    finally:
+        if old is None:
+            os.environ.pop("FUSED_POSENC_ROTATE_STREAM")
         else:
-            sig[n] = "i32"
-    missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constexprs]
-    if missing:
-        raise KeyError(f"{fn.__name__}: no value for constexpr(s) {missing}")
-    return sig
+            os.environ["FUSED_POSENC_ROTATE_STREAM"] = old
+    return calls
 
 
-def parts(enc: int, d: int) -> tuple[int, int]:
-    """Part widths as plan.make_plan chooses them (TAPA: the default theta_split 0.5)."""
-    if enc in (1, 2):
-        return d // 2, d // 2
-    if enc == 4:
-        return d // 2, d - d // 2
-    p1 = max(d // 2, 1) if d <= 16 else 1 << ((d - 1).bit_length() - 1)
-    return p1, d - p1
+# ---------------------------------------------------------------------------------------------------------
+# the JIT's specialisation of a recorded call
 
 
-def variants(quick: bool, dims, dtypes):
-    """(kernel label, JITFunction, dtype, constexprs, [(config constexprs, warps, stages)])."""
-    for (name, enc, extra), dtype, d in itertools.product(ENCODINGS, dtypes, dims):
-        p1, p2 = parts(enc, d)
-        base = dict(ENC=enc, CAUSAL=True, DEFAULT_POS=True, GATHER=False, PREC="ieee" if dtype == "fp32" else "tf32",
-                    DTYPE_KEY=TORCH_KEY[dtype], FAST=True, BLOCK_P1=pow2(p1), BLOCK_P2=pow2(p2), BLOCK_DV=pow2(d))
-        base.update({k: v for k, v in extra.items() if k not in ("FOPE_GRAD", "INLINE", "SLOPE_GRAD")})
-        stream = enc not in (1, 2) or extra.get("INLINE", False)  # autograd.py: rotate the streaming side inline
-        fope_grad = extra.get("FOPE_GRAD", False)
-        for kname, autotuned, names, more in (
-                ("fwd", fwd.attn_fwd_kernel, ("BLOCK_M", "BLOCK_N"), {"ROTATE_K": stream}),
-                ("bwd_dkdv", bwd.attn_bwd_dkdv_kernel, ("BLOCK_N", "BLOCK_M"),
-                 {"ROTATE_STREAM": stream, "FOPE_GRAD": fope_grad}),
-                ("bwd_dq", bwd.attn_bwd_dq_kernel, ("BLOCK_M", "BLOCK_N"),
-                 {"ROTATE_STREAM": stream, "FOPE_GRAD": fope_grad, "SLOPE_GRAD": extra.get("SLOPE_GRAD", False)})):
-            cx = {**base, **more}
-            prune = tuning.pruner("fwd" if kname == "fwd" else "bwd", names)["early_config_prune"]
-            pruned = prune(autotuned.configs, cx)
-            cfgs = [({names[0]: c.kwargs[names[0]], names[1]: c.kwargs[names[1]]}, c.num_warps, c.num_stages)
-                    for c in pruned]
-            if quick:
-                cfgs = cfgs[:1]
-            yield f"{kname}:{name}:{dtype}:d{d}", autotuned.fn, dtype, cx, cfgs
-        if enc in (1, 2) and not stream:
-            cx = dict(ENC=enc, DEFAULT_POS=base["DEFAULT_POS"], GATHER=base["GATHER"],
-                      BLOCK_T=rotate.rotate_block_t(4096, pow2(d // 2)), BLOCK_P=pow2(d // 2))
-            yield f"rotate:{name}:{dtype}:d{d}", rotate.rotate_fwd_kernel, dtype, cx, [({}, 4, 1)]
-    for dtype in dtypes:
-        yield (f"bwd_preprocess:{dtype}", bwd.attn_bwd_preprocess_kernel, dtype, dict(BLOCK_DV=128),
-               [({"BLOCK_M": 64}, 4, 1)])
+def _configs(kernel, fn, args, kwargs, quick):
+    """[config kwargs incl. num_warps/num_ctas/num_stages] as the autotuner tries them after its own
+    early pruning; [{}] for a plain JIT kernel (the launch's defaults)."""
+    if not isinstance(kernel, triton.runtime.Autotuner):
+        return [{}]
+    prune = getattr(kernel, "early_config_prune", None)
+    cfgs = prune(kernel.configs, dict(zip(fn.arg_names, args)), **kwargs) if prune else kernel.configs
+    cfgs = [c.all_kwargs() for c in cfgs]
+    return cfgs[:1] if quick else cfgs
 
 
-def ptxas_info(ptx: str, arch: int) -> tuple:
-    """(registers, spill bytes) from ``ptxas -v`` on the kernel's PTX, or (None, None)."""
-    import inspect
+def jit_compile_inputs(fn: JITFunction, args, kwargs, target, specialize: bool):
+    """(signature, constexprs, attrs, options) exactly as ``JITFunction.run`` builds them for this call."""
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+    if not specialize:  # the plain compile: no divisibility, integers the JIT made constants stay i32
+        declared = {i for i, p in enumerate(fn.params) if p.is_constexpr}
+        for (i,), v in list(constexprs.items()):
+            if i not in declared:
+                signature[fn.params[i].name] = "i32" if -2**31 <= v < 2**31 else "i64"
+                del constexprs[(i,)]
+        attrs = {}
+    return signature, constexprs, attrs, options
 
-    from triton.backends.nvidia.compiler import get_ptxas
-    try:  # its signature differs between triton releases
-        ptxas = (get_ptxas(arch) if inspect.signature(get_ptxas).parameters else get_ptxas()).path
-    except Exception:
-        return None, None
-    path = f"/tmp/fused_posenc_aot_{os.getpid()}.ptx"
-    with open(path, "w") as f:
-        f.write(ptx)
-    sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-    r = subprocess.run([ptxas, "-v", f"--gpu-name={sm}", path, "-o", os.devnull], capture_output=True, text=True)
-    regs = re.search(r"Used (\d+) registers", r.stderr)
-    spill = re.search(r"(\d+) bytes spill stores", r.stderr)
-    return (int(regs.group(1)) if regs else None), (int(spill.group(1)) if spill else None)
 
+def n_specialised(signature, constexprs, attrs, fn) -> tuple[int, int]:
+    """(arguments with tt.divisibility=16, integers turned into constants)."""
+    declared = {i for i, p in enumerate(fn.params) if p.is_constexpr}
+    div = sum(1 for v in attrs.values() if ["tt.divisibility", 16] in v)
+    return div, sum(1 for (i,) in constexprs if i not in declared)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reports of a compiled kernel
+
+
+def ptxas_log_info(log: str) -> dict:
+    """Registers, spill stores/loads and stack frame (bytes per thread) of a ``ptxas -v`` log."""
+    out = {}
+    for key, pat in (("registers", r"Used (\d+) registers"), ("spill_bytes", r"(\d+) bytes spill stores"),
+                     ("spill_load_bytes", r"(\d+) bytes spill loads"), ("stack_bytes", r"(\d+) bytes stack frame")):
+        m = re.search(pat, log)
+        out[key] = int(m.group(1)) if m else None
+    return out
+
+
+def find_sass_tool(path=None):
+    for p in ([path] if path else []) + [os.path.join(ROOT, "shared", "tools", "sass_loop.py"),
+                                         os.path.join(os.path.dirname(ROOT), "shared", "tools", "sass_loop.py")]:
+        if p and os.path.isfile(p):
+            return p
+    return None
+
+
+SASS_KEYS = {"hgmma": "HGMMA", "hmma": "HMMA", "mufu": "MUFU", "ffma": "FFMA", "ldl": "LDL", "stl": "STL",
+             "bar": "BAR", "warpgroup": "WARPGROUP", "shfl": "SHFL", "lds": "LDS", "ldgsts": "LDGSTS"}
+
+
+def sass_loop(tool: str, cubin: str) -> dict:
+    """The main loop's histogram from ``sass_loop.py``: loop_instrs (instructions per thread per tile) and
+    the SASS_KEYS counts; ``{"loop_instrs": "no loop"}`` for a kernel without one."""
+    r = subprocess.run([sys.executable, tool, cubin], capture_output=True, text=True)
+    line = (r.stdout.strip().splitlines() or [""])[-1]
+    m = re.search(r" loop (\d+) (\{.*?\}) (\{.*\})\s*$", line)
+    if not m:
+        return {"loop_instrs": "no loop" if "no loop" in line else f"error: {(r.stderr or line).strip()[-200:]}"}
+    counts, mufu = ast.literal_eval(m.group(2)), ast.literal_eval(m.group(3))
+    out = {"loop_instrs": int(m.group(1))}
+    out.update({col: counts.get(op, 0) for col, op in SASS_KEYS.items()})
+    out["mufu_ops"] = " ".join(f"{k.split('.', 1)[1]}:{v}" for k, v in sorted(mufu.items()))
+    return out
+
+
+def kernel_instrs(cubin: str):
+    """SASS instructions of the whole kernel (NOPs excluded), by the nvdisasm in triton's wheel; None if absent."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.path.isfile(tool):
+        return None
+    r = subprocess.run([tool, "-c", cubin], capture_output=True, text=True)
+    return sum(1 for line in r.stdout.splitlines()
+               if re.match(r"\s*/\*[0-9a-f]+\*/\s+(?!NOP\b)\S", line)) if r.returncode == 0 else None
+
+
+COLUMNS = ["variant", "kernel", "encoding", "dtype", "d", "config", "num_warps", "num_stages", "status",
+           "shared_bytes", "registers", "spill_bytes", "spill_load_bytes", "stack_bytes", "kernel_instrs", "loop_instrs",
+           "hgmma", "hmma", "mufu", "mufu_ops", "ffma", "ldl", "stl", "bar", "warpgroup", "shfl", "lds", "ldgsts",
+           "specialised", "div16_args", "const1_args", "triton", "commit", "compile_s"]
 
 _JOBS: list = []  # filled before the worker processes fork; workers get indices (kernels do not pickle)
 
 
-def compile_one(i: int) -> list:
+def compile_one(i: int) -> dict:
     """One (variant, config) -> its CSV row."""
-    label, fn, dtype, consts, warps, stages, arch, want_ptxas = _JOBS[i]
-    meta = {k: v for k, v in consts.items() if k in ("BLOCK_M", "BLOCK_N")}
+    job = _JOBS[i]
+    fn, args, kwargs, cfg, arch = job["fn"], job["args"], job["kwargs"], job["cfg"], job["arch"]
+    row = {k: job[k] for k in ("variant", "kernel", "encoding", "dtype", "d", "specialised", "triton", "commit")}
+    meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_ctas", "num_stages", "maxnreg")}
+    row["config"] = str(meta)
     try:
-        src = ASTSource(fn=fn, signature=signature(fn, dtype, consts),
-                        constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        target = GPUTarget("cuda", arch, 32)
+        sig, consts, attrs, options = jit_compile_inputs(fn, args, {**kwargs, **cfg}, target, job["specialize"])
+        row["num_warps"], row["num_stages"] = options.num_warps, options.num_stages
+        row["div16_args"], row["const1_args"] = n_specialised(sig, consts, attrs, fn)
         t = time.time()
-        c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
-        regs, spill = ptxas_info(c.asm["ptx"], arch) if want_ptxas else (None, None)
-        status = "ok" if c.metadata.shared <= SMEM_LIMIT[arch] else "smem>limit"
-        return [label, meta, warps, stages, status, c.metadata.shared, regs, spill, f"{time.time() - t:.1f}"]
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):  # knobs.nvidia.dump_ptxas_log prints the compile's ptxas -v
+            c = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=options.__dict__)
+        row["compile_s"] = f"{time.time() - t:.1f}"
+        row["shared_bytes"] = c.metadata.shared
+        row["status"] = "ok" if c.metadata.shared <= SMEM_LIMIT[arch] else "smem>limit"
+        if job["ptxas"]:
+            row.update(ptxas_log_info(log.getvalue()))
+        if job["sass_tool"]:
+            path = os.path.join(job["cubin_dir"], f"{i:04d}_" + re.sub(r"[^A-Za-z0-9_.-]", "_", row["variant"])
+                                + f"_w{options.num_warps}s{options.num_stages}.cubin")
+            with open(path, "wb") as f:
+                f.write(c.asm["cubin"])
+            row.update(sass_loop(job["sass_tool"], path))
+            row["kernel_instrs"] = kernel_instrs(path)
     except Exception as e:  # a compile error is a finding: report it, keep going
         msg = str(e).strip().splitlines()
-        return [label, meta, warps, stages, "ERROR " + (msg[-1][:300] if msg else type(e).__name__), None, None,
-                None, ""]
+        row["status"] = "ERROR " + (msg[-1][:300] if msg else type(e).__name__)
+    return row
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no", "--",
+                                "fused_posenc"], capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def plan_jobs(args) -> tuple[list, list, list]:
+    """(jobs, [(variant label, number of configs)], problems) for the selected variants."""
+    jobs, groups, problems, seen = [], [], [], set()
+    commit = _commit()
+    sass_tool = find_sass_tool(args.sass_tool) if args.sass else None
+    for name, dtype, d in itertools.product(VARIANTS, args.dtypes, args.dims):
+        try:
+            calls = record_call(name, dtype, d, args.batch, args.seqlen, args.model_dim)
+        except Exception as e:
+            label = f"*:{name}:{dtype}:d{d}"
+            if args.match in label:
+                problems.append(f"{label}: the launchers failed on a recorded call: {type(e).__name__}: {e}")
+            continue
+        kinds_seen = set()
+        for kernel, cargs, ckwargs in calls:
+            fn = jit_fn(kernel)
+            kind = KERNEL_KIND.get(fn.__name__, fn.__name__.removesuffix("_kernel"))
+            if kind in kinds_seen:  # e.g. the second pre-rotation of a call (same kernel, other operand)
+                continue
+            kinds_seen.add(kind)
+            per_encoding = "ENC" in fn.arg_names
+            label = f"{kind}:{name}:{dtype}:d{d}" if per_encoding else f"{kind}:{dtype}:d{d}"
+            if label in seen or args.match not in label:
+                continue
+            seen.add(label)
+            want = VARIANTS[name][2]
+            bad = {k: (ckwargs[k], v) for k, v in want.items() if k in fn.arg_names and k in ckwargs
+                   and ckwargs[k] != v and not (k == "ROTATE_K" and kind != "fwd")}
+            if bad and per_encoding:
+                problems.append(f"{label}: the launcher passes {bad} (got, wanted): the variant is not what it says")
+            cfgs = _configs(kernel, fn, cargs, ckwargs, args.quick)
+            groups.append((label, len(cfgs)))
+            for cfg in cfgs:
+                jobs.append(dict(variant=label, kernel=kind, encoding=name if per_encoding else "", dtype=dtype, d=d,
+                                 fn=fn, args=cargs, kwargs=ckwargs, cfg=cfg, arch=args.arch,
+                                 specialize=not args.no_specialize, specialised="no" if args.no_specialize else "jit",
+                                 ptxas=args.ptxas or args.sass, sass_tool=sass_tool, cubin_dir=args.cubin_dir,
+                                 triton=triton.__version__, commit=commit))
+    if args.sass and not sass_tool:
+        problems.append("--sass: sass_loop.py not found (shared/tools/sass_loop.py; give --sass-tool PATH)")
+    return jobs, groups, problems
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Markdown
 
 
 def summary(csv_path: str) -> str:
@@ -172,46 +370,235 @@ def summary(csv_path: str) -> str:
     return "\n".join(lines)
 
 
+# Issue 10's numbers (triton 3.6, the kernels as they were when it was filed):
+# (variant, column, value, the compile it describes: "jit" or "no" specialisation, what)
+ISSUE_BEFORE = [
+    ("fwd:none:bf16:d128", "shared_bytes", 48 * 1024, "no", "d128 forward shared memory, unspecialised"),
+    ("fwd:none:bf16:d128", "registers", 189, "no", "d128 forward registers, unspecialised"),
+    ("fwd:none:bf16:d128", "shared_bytes", 128 * 1024, "jit", "d128 forward shared memory"),
+    ("fwd:none:bf16:d128", "registers", 165, "jit", "d128 forward registers"),
+    ("fwd:none:bf16:d128", "loop_instrs", 573, "jit", "forward loop instructions/thread/tile, causal"),
+    ("fwd:none:bf16:d128", "mufu", 34, "jit", "forward MUFU/thread/tile, no encoding"),
+    ("fwd:tapa:bf16:d128", "mufu", 102, "jit", "TAPA forward MUFU/thread/tile"),
+    ("bwd_dkdv:none:bf16:d128", "mufu_ops", "EX2:32", "jit", "bwd (64,64,8 warps) exp2/thread/tile (16 needed)"),
+    ("bwd_dq:none:bf16:d128", "mufu_ops", "EX2:32", "jit", "bwd (64,64,8 warps) exp2/thread/tile (16 needed)"),
+    ("bwd_dkdv:tapa:bf16:d128", "stl", 58, "jit", "TAPA dk/dv loop local stores/tile"),
+    ("bwd_dkdv:tapa:bf16:d128", "ldl", 104, "jit", "TAPA dk/dv loop local loads/tile"),
+    ("bwd_dkdv:none:bf16:d128", "loop_instrs", 820, "jit", "dk/dv loop instructions/tile (tutorial's S^T form: 745)"),
+    ("bwd_dkdv:none:bf16:d128", "warpgroup", 80, "jit", "dk/dv loop warpgroup syncs/tile (tutorial's S^T form: 9)"),
+    ("fwd:rope:bf16:d128", "loop_instrs", 562, "jit", "forward loop, RoPE with pre-rotated keys"),
+    ("fwd:rope-inline:bf16:d128", "loop_instrs", 3357, "jit", "forward loop, RoPE rotated inline"),
+    ("rotate:rope:bf16:d128", "registers", 249, "jit", "RoPE pre-rotation kernel registers (table-driven: 100)"),
+    ("rotate:rope:bf16:d128", "kernel_instrs", 5760, "jit",
+     "RoPE pre-rotation kernel instructions (table-driven: 560)"),
+]
+
+
+def _issue_value(r, col):
+    got = "" if r is None else (r.get(col) or "")
+    if col == "mufu_ops":
+        got = next((p for p in str(got).split() if p.startswith("EX2:")), "EX2:0" if r else "")
+    return str(got)
+
+
+HEADLINE = [f"{k}:{e}:bf16:d128" for e in ("none", "rope", "tapa") for k in ("fwd", "bwd_dq", "bwd_dkdv")]
+
+TABLE_COLS = [("config", "config (M/N, warps, stages)"), ("shared_bytes", "smem KB"), ("registers", "regs"),
+              ("spill", "spill st/ld B"), ("kernel_instrs", "kernel instrs"),
+              ("loop_instrs", "loop instrs"), ("hgmma", "HGMMA"), ("hmma", "HMMA"), ("mufu", "MUFU"),
+              ("mufu_ops", "MUFU ops"), ("ldl", "LDL"), ("stl", "STL"), ("bar", "BAR"), ("warpgroup", "WARPGROUP")]
+
+
+def _cell(r, col):
+    if col == "config":
+        m = ast.literal_eval(r["config"]) if r["config"] else {}
+        blocks = "/".join(str(v) for v in m.values())
+        return f"{blocks + ', ' if blocks else ''}{r['num_warps']}w {r['num_stages']}s"
+    if col == "shared_bytes":
+        return f"{int(r[col]) / 1024:.0f}" if r.get(col) not in (None, "", "None") else ""
+    if col == "loop_instrs" and str(r.get("loop_instrs", "")).isdigit() and not int(r.get("hgmma") or 0) \
+            and not int(r.get("hmma") or 0):
+        return f"{r['loop_instrs']} (no MMA loop)"
+    if col == "spill":
+        return f"{r.get('spill_bytes') or ''}/{r.get('spill_load_bytes') or ''}".strip("/")
+    return str(r.get(col) if r.get(col) not in (None, "None") else "")
+
+
+def _source_line(rows) -> str:
+    keys = sorted({(r.get("triton", ""), r.get("specialised", ""), r.get("commit", "")) for r in rows})
+    return "; ".join(f"triton {t}, specialisation {'JIT' if s == 'jit' else 'none'}, commit {c}" for t, s, c in keys)
+
+
+def markdown(rows, commands=None, notes=None) -> str:
+    """The report: per (triton, specialisation) a table per dtype/head dim, then the before/after tables."""
+    out = ["# Static sm_90 report of the Triton kernels (no GPU)", "",
+           "Compiled by Triton's own pipeline down to a cubin for `GPUTarget('cuda', 90, 32)`, with the JIT's "
+           "argument specialisation of a realistic call (batch 2, seqlen 4096, nheads = 2048 / headdim, contiguous "
+           "(B, L, H, D) tensors: 16-byte-aligned pointers and integers divisible by 16 get `tt.divisibility=16`, "
+           "integers equal to 1 become constants), the first (preferred) autotune config of each variant. "
+           "Registers and spills (bytes/thread) from the compile's own `ptxas -v`; shared memory from Triton's "
+           "metadata; the loop columns are `shared/tools/sass_loop.py` on the cubin: the main loop's SASS per "
+           "thread per tile (instructions, HGMMA, MUFU, local loads/stores LDL/STL, BAR, WARPGROUP "
+           "arrive/depbar). Static evidence, not timings.", ""]
+    if commands:
+        out += ["Regenerate (2-core CPU, no GPU):", "", *[f"    {c}" for c in commands], ""]
+    out += [f"Sources: {_source_line(rows)}.", ""]
+    for note in notes or []:
+        out += [note, ""]
+    runs = {}
+    for r in rows:
+        runs.setdefault((r.get("triton", ""), r.get("specialised", "")), []).append(r)
+    order = sorted(runs, key=lambda k: (k[1] != "jit", [-int(x) for x in re.findall(r"\d+", k[0])]))
+    head = [(k, r) for k in order if k[1] == "jit" for v in HEADLINE for r in runs[k]
+            if r["variant"] == v and r["status"].startswith("ok")]
+    if head:
+        out += ["## Headline: bf16, head dim 128, JIT specialisation", "",
+                "| triton | variant | " + " | ".join(h for _, h in TABLE_COLS) + " |",
+                "|---|---|" + "|".join("---:" if c not in ("config", "mufu_ops") else "---" for c, _ in TABLE_COLS)
+                + "|"]
+        out += [f"| {k[0]} | {r['variant']} | " + " | ".join(_cell(r, c) for c, _ in TABLE_COLS) + " |"
+                for k, r in head]
+        out.append("")
+    for tv, spec in order:
+        rs = runs[(tv, spec)]
+        for dtype, d in sorted({(r["dtype"], int(r["d"])) for r in rs}):
+            sel = [r for r in rs if r["dtype"] == dtype and int(r["d"]) == d]
+            out += [f"## triton {tv}, {'JIT specialisation' if spec == 'jit' else 'no specialisation'}: "
+                    f"{dtype}, head dim {d}", "",
+                    "| variant | " + " | ".join(h for _, h in TABLE_COLS) + " |",
+                    "|---|" + "|".join("---:" if c not in ("config", "mufu_ops") else "---" for c, _ in TABLE_COLS)
+                    + "|"]
+            for r in sel:
+                if not r["status"].startswith("ok"):
+                    out.append(f"| {r['variant']} | {r['status']} |" + " |" * (len(TABLE_COLS) - 1))
+                    continue
+                out.append(f"| {r['variant']} | " + " | ".join(_cell(r, c) for c, _ in TABLE_COLS) + " |")
+            out.append("")
+    # before (no specialisation) -> after (JIT), same triton
+    pairs = []
+    for tv in sorted({k[0] for k in runs}):
+        before = {r["variant"]: r for r in runs.get((tv, "no"), [])}
+        for r in runs.get((tv, "jit"), []):
+            if r["variant"] in before:
+                pairs.append((tv, before[r["variant"]], r))
+    if pairs:
+        out += ["## What the specialisation changes", "",
+                "Same triton, same arguments; before = compiled without the JIT's specialisation (this script's "
+                "old behaviour), after = as the JIT compiles it.", "",
+                "| triton | variant | smem KB | regs | spill st B | loop instrs | HGMMA | LDGSTS | MUFU |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for tv, b, a in pairs:
+            cells = [f"{_cell(b, c)} -> {_cell(a, c)}" for c in ("shared_bytes", "registers", "spill_bytes",
+                                                                   "loop_instrs", "hgmma", "ldgsts", "mufu")]
+            out.append(f"| {tv} | {a['variant']} | " + " | ".join(cells) + " |")
+        out.append("")
+    # issue 10's quoted numbers vs these compiles
+    keys = sorted(runs, key=lambda k: (k[1] != "no", k[0]))
+    out += ["## Issue 10's numbers (the \"before\") vs these compiles", "",
+            "The issue's figures were taken with triton 3.6 on the kernels as they were when it was filed (since "
+            "then: int64 turn-fraction angles, causal bounds for explicit positions, ...). *matches*: the runs of "
+            "the same kind (JIT or plain compile) whose number equals the issue's.", "",
+            "| what (issue 10) | variant | column | compile | issue | " + " | ".join(
+                f"triton {tv} {'JIT' if s == 'jit' else 'plain'}" for tv, s in keys) + " | matches |",
+            "|---|---|---|---|---:|" + "---:|" * len(keys) + "---|"]
+    for variant, col, val, kind, what in ISSUE_BEFORE:
+        cells, same = [], []
+        for key in keys:
+            r = next((x for x in runs[key] if x["variant"] == variant and x["status"].startswith("ok")), None)
+            got = _issue_value(r, col)
+            if key[1] == kind and got == str(val):
+                same.append(f"{key[0]}")
+            cells.append(f"{int(got) // 1024} KB" if col == "shared_bytes" and got.isdigit() else got)
+        shown = f"{val // 1024} KB" if col == "shared_bytes" else val
+        out.append(f"| {what} | {variant} | {col} | {'JIT' if kind == 'jit' else 'plain'} | {shown} | "
+                   + " | ".join(cells) + f" | {', '.join(same) or 'no'} |")
+    out.append("")
+    return "\n".join(out)
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, choices=sorted(SMEM_LIMIT))
     ap.add_argument("--quick", action="store_true", help="the first config of each variant only")
     ap.add_argument("--dims", type=int, nargs="*", default=[64, 128, 256], help="head dims")
-    ap.add_argument("--dtypes", nargs="*", default=list(TL_DTYPE), choices=list(TL_DTYPE))
-    ap.add_argument("--ptxas", action="store_true", help="also report registers and spills (ptxas -v)")
+    ap.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("--ptxas", action="store_true", help="also report registers and spills (the compile's ptxas -v)")
+    ap.add_argument("--sass", action="store_true", help="+ registers/spills and the main loop's SASS histogram")
+    ap.add_argument("--sass-tool", help="path of sass_loop.py (default: shared/tools/sass_loop.py)")
+    ap.add_argument("--cubin-dir", help="keep the cubins here (default: a temporary folder)")
+    ap.add_argument("--no-specialize", action="store_true",
+                    help="compile without the JIT's argument specialisation (the misleading old report)")
+    ap.add_argument("--batch", type=int, default=2, help="batch of the recorded realistic call")
+    ap.add_argument("--seqlen", type=int, default=4096, help="seqlen of the recorded realistic call")
+    ap.add_argument("--model-dim", type=int, default=2048, help="nheads = model_dim / headdim")
     ap.add_argument("--match", default="", help="only variants whose label contains this")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--csv")
+    ap.add_argument("--csv", help="write the rows here")
+    ap.add_argument("--append", action="store_true", help="append to --csv (one file for several runs)")
+    ap.add_argument("--md", help="write the Markdown report of this run's rows (or of --from's)")
+    ap.add_argument("--from", dest="from_csv", metavar="CSV", help="with --md: render this CSV, compile nothing")
+    ap.add_argument("--command", action="append", help="with --md: a command line to list under 'Regenerate'")
+    ap.add_argument("--note", action="append", help="with --md: a paragraph under the sources line")
     ap.add_argument("--summary", metavar="CSV", help="print the Markdown spill table of an earlier --csv and exit")
     args = ap.parse_args(argv)
     if args.summary:
         print(summary(args.summary))
         return 0
-    jobs, groups = _JOBS, []
-    for label, fn, dtype, cx, cfgs in variants(args.quick, args.dims, args.dtypes):
-        if args.match in label:
-            groups.append((label, len(cfgs)))
-            jobs += [(label, fn, dtype, {**cx, **meta}, w, st, args.arch, args.ptxas) for meta, w, st in cfgs]
+    if args.from_csv:
+        if not args.md:
+            ap.error("--from needs --md")
+        with open(args.md, "w") as f:
+            f.write(markdown(read_rows(args.from_csv), args.command, args.note))
+        return 0
+    tmp = None
+    if (args.sass or args.ptxas) and not args.cubin_dir:
+        tmp = tempfile.TemporaryDirectory(prefix="fused_posenc_aot_")
+        args.cubin_dir = tmp.name
+    if args.cubin_dir:
+        os.makedirs(args.cubin_dir, exist_ok=True)
+    if args.sass or args.ptxas:  # every compile runs ptxas and prints its -v log (no cache hit without one)
+        knobs.compilation.always_compile = True
+        knobs.nvidia.dump_ptxas_log = True
     t0 = time.time()
+    jobs, groups, problems = plan_jobs(args)
+    _JOBS[:] = jobs
+    print(f"{len(jobs)} compile(s) planned in {time.time() - t0:.0f} s", flush=True)
     ctx = multiprocessing.get_context("fork")
+    rows = []
     with ctx.Pool(max(1, args.jobs)) as pool:
-        rows = []
         for row in pool.imap(compile_one, range(len(jobs))):
             rows.append(row)
-            print(*row, sep="  ", flush=True)
-    bad = sum(r[4].startswith("ERROR") for r in rows)
+            print(*(row.get(k, "") for k in ("variant", "config", "num_warps", "num_stages", "status",
+                                             "shared_bytes", "registers", "spill_bytes", "loop_instrs", "hgmma",
+                                             "mufu", "ldl", "stl", "compile_s")), sep="  ", flush=True)
+    for p in problems:
+        print(p, flush=True)
+    bad = len(problems) + sum(r["status"].startswith("ERROR") for r in rows)
     for label, n in groups:  # the autotuner needs at least one config of each variant to fit
-        if n and not any(r[0] == label and r[4] == "ok" for r in rows):
+        if n and not any(r["variant"] == label and r["status"] == "ok" for r in rows):
             bad += 1
             print(f"{label}: no config compiles and fits sm_{args.arch}'s shared memory", flush=True)
     print(f"{len(rows)} compiles of {len(groups)} variants for sm_{args.arch}, {bad} problem(s), "
-          f"{time.time() - t0:.0f} s (triton {triton.__version__})")
+          f"{time.time() - t0:.0f} s (triton {triton.__version__}, "
+          f"{'no specialisation' if args.no_specialize else 'JIT specialisation'})")
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["variant", "config", "num_warps", "num_stages", "status", "shared_bytes", "registers",
-                        "spill_bytes", "compile_s"])
+        new = not (args.append and os.path.exists(args.csv))
+        with open(args.csv, "w" if new else "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            if new:
+                w.writeheader()
             w.writerows(rows)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(markdown([{k: ("" if r.get(k) is None else str(r.get(k))) for k in COLUMNS} for r in rows],
+                             args.command, args.note))
+    if tmp is not None:
+        tmp.cleanup()
     return 1 if bad else 0
 
 
