@@ -376,13 +376,14 @@ class Probe:
                   ("sdpa-default", self.sdpa()), ("rotate+sdpa-default-rope", self.rotate_sdpa())]
         return cases
 
-    def section_cpu(self):
+    def small_runs(self, section, seed):
+        """``(row base, mode, run)`` for every small case in fwd (under no_grad) and fwd+bwd, within the budget."""
         torch = self.torch
         b, n = self.b, self.args.small_seqlen
-        q, k, v, do = self.inputs(b, n, seed=1)
+        q, k, v, do = self.inputs(b, n, seed=seed)
         for name, fn in self.small_cases():
             for mode in ("fwd", "fwd+bwd"):
-                base = dict(section="cpu_us", name=name, mode=mode, batch=b, seqlen=n, heads=self.h, headdim=self.d)
+                base = dict(section=section, name=name, mode=mode, batch=b, seqlen=n, heads=self.h, headdim=self.d)
                 if not self.clock.enough(10):
                     self.rows.skip("probe budget spent", **base)
                     continue
@@ -393,15 +394,19 @@ class Probe:
                     def run(inner=inner):
                         with torch.no_grad():
                             inner()
-                try:
-                    us, wall_ms = self.host_us(run, self.args.reps)
-                except Exception as e:  # noqa: BLE001
-                    self.rows.fail(e, **base)
-                    continue
-                self.rows.add(**base, ms=wall_ms, value=us, unit="us host/call",
-                              note=f"{self.args.reps} calls{' fwd under no_grad' if mode == 'fwd' else ''}; "
-                                   "ms = wall per call incl. device"
-                                   + (" ext-build-running" if _build_running() else ""))
+                yield base, mode, run
+
+    def section_cpu(self):
+        for base, mode, run in self.small_runs("cpu_us", seed=1):
+            try:
+                us, wall_ms = self.host_us(run, self.args.reps)
+            except Exception as e:  # noqa: BLE001
+                self.rows.fail(e, **base)
+                continue
+            self.rows.add(**base, ms=wall_ms, value=us, unit="us host/call",
+                          note=f"{self.args.reps} calls{' fwd under no_grad' if mode == 'fwd' else ''}; "
+                               "ms = wall per call incl. device"
+                               + (" ext-build-running" if _build_running() else ""))
 
     def count_syncs(self, run):
         torch = self.torch
@@ -453,29 +458,14 @@ class Probe:
         return warned, c
 
     def section_syncs(self):
-        torch = self.torch
-        b, n = self.b, self.args.small_seqlen
-        q, k, v, do = self.inputs(b, n, seed=2)
-        for name, fn in self.small_cases():
-            for mode in ("fwd", "fwd+bwd"):
-                base = dict(section="syncs", name=name, mode=mode, batch=b, seqlen=n, heads=self.h, headdim=self.d)
-                if not self.clock.enough(10):
-                    self.rows.skip("probe budget spent", **base)
-                    continue
-                run = self.run_of(fn, mode, q, k, v, do)
-                if mode == "fwd":
-                    inner = run
-
-                    def run(inner=inner):
-                        with torch.no_grad():
-                            inner()
-                try:
-                    warned, c = self.count_syncs(run)
-                except Exception as e:  # noqa: BLE001
-                    self.rows.fail(e, **base)
-                    continue
-                self.rows.add(**base, value=warned, unit="sync warnings/call",
-                              note=f"dispatch: local_scalar_dense={c.scalar} d2h_copies={c.d2h} h2d_copies={c.h2d}")
+        for base, mode, run in self.small_runs("syncs", seed=2):
+            try:
+                warned, c = self.count_syncs(run)
+            except Exception as e:  # noqa: BLE001
+                self.rows.fail(e, **base)
+                continue
+            self.rows.add(**base, value=warned, unit="sync warnings/call",
+                          note=f"dispatch: local_scalar_dense={c.scalar} d2h_copies={c.d2h} h2d_copies={c.h2d}")
 
     def section_ab(self):
         torch = self.torch
