@@ -166,18 +166,22 @@ class RoPE(Encoding):
         cos, sin = (torch.cos(ang) * scale).to(dtype), (torch.sin(ang) * scale).to(dtype)
         return cos[:, :, None, :], sin[:, :, None, :]
 
-    def _table_operands(self, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(turn limbs (P, 8) int64, cos/sin scale (P,) float64)`` on ``device``."""
-        theta, att = self.frequencies(head_dim)
+    def pair_scale(self, head_dim: int) -> torch.Tensor:
+        """``(P,)`` float64 multiplying cos and sin: YaRN's attention factor on the rotated pairs, 1 elsewhere."""
+        _, att = self.frequencies(head_dim)
         scale = torch.ones(head_dim // 2, dtype=torch.float64)
         scale[: self._d(head_dim) // 2] = att
-        return turn_limbs(theta).to(device), scale.to(device)
+        return scale
+
+    def _table_operands(self, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(turn limbs (P, 8) int64, cos/sin scale (P,) float64)`` on ``device``."""
+        theta, _ = self.frequencies(head_dim)
+        return turn_limbs(theta).to(device), self.pair_scale(head_dim).to(device)
 
     def kernel_params(self, head_dim, nheads, nheads_kv, batch, device) -> KernelParams:
         idx1, idx2 = self.pairs(head_dim)
-        theta, att = self.frequencies(head_dim)
-        scale = torch.ones(head_dim // 2, dtype=torch.float64)
-        scale[: self._d(head_dim) // 2] = att  # YaRN's factor scales the rotated pairs only
+        theta, _ = self.frequencies(head_dim)
+        scale = self.pair_scale(head_dim)
         return KernelParams(kind="rotary", idx1=idx1.to(device), idx2=idx2.to(device),
                             contiguous=is_contiguous_split(idx1, idx2), pair_freqs=theta.to(device),
                             pair_turns=turns128(theta).to(device), pair_turns64=turns64(theta).to(device),
