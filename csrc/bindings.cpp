@@ -179,10 +179,11 @@ std::vector<at::Tensor> backward(at::Tensor dout, at::Tensor q, at::Tensor k, at
   check_scale(scale);
   const int64_t B = q.size(0), Lq = q.size(1), H = q.size(2), Dv = v.size(3);
   const std::vector<int64_t> out_shape{B, Lq, H, Dv}, lse_shape{B, H, Lq};
-  val(out.sizes() == at::IntArrayRef(out_shape) && out.device() == q.device(),
-      "out must be (batch, seqlen_q, nheads, headdim_v) on q's device, got " + shape_str(out));
-  val(dout.sizes() == at::IntArrayRef(out_shape) && dout.device() == q.device(),
-      "dout must have out's shape (batch, seqlen_q, nheads, headdim_v), got " + shape_str(dout));
+  val(out.sizes() == at::IntArrayRef(out_shape) && out.device() == q.device() && out.is_floating_point(),
+      "out must be a floating (batch, seqlen_q, nheads, headdim_v) tensor on q's device, got " + shape_str(out));
+  val(dout.sizes() == at::IntArrayRef(out_shape) && dout.device() == q.device() && dout.is_floating_point(),
+      "dout must be a floating tensor of out's shape (batch, seqlen_q, nheads, headdim_v), got " + shape_str(dout) +
+          " " + std::string(c10::toString(dout.scalar_type())));
   val(lse.sizes() == at::IntArrayRef(lse_shape) && lse.device() == q.device() && lse.is_floating_point(),
       "lse must be a floating (batch, nheads, seqlen_q) tensor on q's device, got " + shape_str(lse));
   auto enc = make_enc(pack(kind, idx1, idx2, pair_turns, pair_scale, fope_turns, cos_coef, sin_coef, fope_pad, slopes,

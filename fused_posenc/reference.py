@@ -27,7 +27,7 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enc: Encod
     if enc.is_rotation:
         q = enc.rotate(q, q_pos, nheads, nheads_kv)
         k = enc.rotate(k, k_pos, nheads, nheads_kv)
-    scores = enc.scores(q, k, q_pos, k_pos, softmax_scale)  # (B, H, Lq, Lk)
+    scores = enc.scores(q, k, q_pos, k_pos, softmax_scale, causal=causal)  # (B, H, Lq, Lk)
     sm_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = scores.to(sm_dtype)
     if causal:

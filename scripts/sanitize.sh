@@ -35,7 +35,7 @@ FUZZ_BUDGET="${SANITIZE_FUZZ_BUDGET:-150}"
 CLONES="${SANITIZE_CLONES:-0}"
 DEBUG="${SANITIZE_DEBUG:--g1}"
 DEFAULT_TESTS="test_native_cpu.py test_native_cpu_vector_widths.py test_regressions.py test_errors.py
-  test_double_backward.py test_exact_positions.py test_no_silent_wrong_answers.py"
+  test_double_backward.py test_exact_positions.py test_no_silent_wrong_answers.py test_alibi_far_keys.py"
 TESTS="${SANITIZE_TESTS:-$DEFAULT_TESTS}"
 # tests that never reach native code: the Triton and CUDA backends, the reference's own double backward
 DESELECT="${SANITIZE_DESELECT:-not triton and not cuda and not finite_differences}"

@@ -34,3 +34,14 @@ def test_fuzz_bad_bindings():
     summary = _fuzz("--no-random", "--bad-bindings", "--seed", "0")
     assert " 0 random cases" in summary and " 0 failures" in summary, summary
     assert int(summary.split(" bad-binding cases")[0].rsplit(" ", 1)[1]) > 10, summary
+
+
+# cases the fuzz once failed (case i of seed s depends only on (s, i)): ALiBi with every visible key ~2^62 away
+# (the cpu backward read an lse rounded at that size), TAPA float32 with keys not consecutive in a tile (Omega by a
+# ~2-ulp pow instead of the per-call table), rows that see a single key (dS = 0 exactly: the delta summation order),
+# and float64 TAPA at distance 10^6 (psi ~ 1e7 rad: the phase floor)
+@pytest.mark.parametrize("seed,index", [(2, 1000020), (0, 234), (1, 263), (1, 276), (6, 395), (9, 1000050),
+                                        (24, 1000029), (18, 277)])
+def test_fuzz_former_failures(seed, index):
+    summary = _fuzz("--seed", str(seed), "--only", str(index))
+    assert "1 random cases" in summary and " 0 failures" in summary, summary

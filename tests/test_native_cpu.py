@@ -130,8 +130,9 @@ def test_tapa_alpha_zero(dtype, causal):
 @pytest.mark.parametrize("kind", ["gaps", "far"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_distance_paths(encoding, kind, dtype):
-    # key positions that are not consecutive within a tile, or that span a range far wider than the sequence:
-    # distances (and TAPA's Omega) are computed per score instead of read from a per-call table
+    # key positions that are not consecutive within a tile (TAPA's Omega gathered from the per-call table), or that
+    # span a range far wider than the sequence (no table: Omega computed per score); ALiBi's nearest-key distances
+    # by binary search (ascending keys) or by a scan (the second batch's keys of "gaps" do not ascend)
     q, k, v = make_qkv(2, 70, 70, 2, 1, 32, dtype, seed=9)
     if kind == "gaps":
         qp, kp = torch.arange(70) * 3, torch.stack([torch.arange(70) * 3, torch.arange(70) * 2 + 7])

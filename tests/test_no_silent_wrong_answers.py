@@ -171,7 +171,7 @@ def test_bindings_refuse_slopes_of_another_batch():
 
 
 @needs_cpu
-@pytest.mark.parametrize("what", ["lse", "out", "dout"])
+@pytest.mark.parametrize("what", ["lse", "out", "dout", "out-int", "dout-int"])
 def test_bindings_refuse_wrong_shapes_in_the_backward(what):
     from fused_posenc import _C
 
@@ -179,9 +179,10 @@ def test_bindings_refuse_wrong_shapes_in_the_backward(what):
     p, scale, args = _native_args("rope", q, k, v)
     out, lse = _C.forward(q, k, v, p.q_pos, p.k_pos, False, scale, *args)
     dout = torch.randn_like(out)
-    bad = {"lse": lse[:, :, :3], "out": out[:, :4], "dout": dout[:1]}
-    t = {"lse": lse, "out": out, "dout": dout, **{what: bad[what]}}
-    with pytest.raises(ValueError, match=what):
+    bad = {"lse": lse[:, :, :3], "out": out[:, :4], "dout": dout[:1],  # and integer tensors of the right shape
+           "out-int": (out * 8).to(torch.int32), "dout-int": (dout * 8).to(torch.int64)}
+    t = {"lse": lse, "out": out, "dout": dout, **{what.split("-")[0]: bad[what]}}
+    with pytest.raises(ValueError, match=what.split("-")[0] + " must be"):
         _C.backward(t["dout"], q, k, v, t["out"], t["lse"], p.q_pos, p.k_pos, False, scale, *args, False, False)
 
 

@@ -304,6 +304,11 @@ struct Plan {
   const double* kposd;
   int64_t pos_base = 0;
   bool wide = false;
+  // ALiBi: each query row's nearest visible key distance r (0 when it sees none), (Bq or Bk, Lqp). The row's scores
+  // are s q.k - slope (|m - n| - r): the softmax is unchanged, nothing of size slope |m - n| is rounded, and the lse
+  // (forward output, backward input) is relative to the same r (encodings/alibi.py).
+  std::vector<int64_t> aref;
+  bool aref_batched = false;
   bool qpos_batched, kpos_batched;
   std::vector<int64_t> qmin, qmax, kmin, kmax;  // per (batch, query block) / (batch, key tile): causal tiles
   std::vector<uint8_t> qasc, kasc;               // whether positions ascend within the block / tile
@@ -337,6 +342,10 @@ struct Plan {
            (causal && kmax[(kpos_batched ? b : 0) * nkt + kt_] > qmin[(qpos_batched ? b : 0) * nqb + qb]);
   }
   int64_t table_head(int64_t h) const { return Ht > 1 ? h : 0; }
+  // ALiBi: the nearest-key distances of batch b's queries from i0 on (Plan::aref), else null
+  const int64_t* row_refs(int64_t b, int64_t i0) const {
+    return aref.empty() ? nullptr : aref.data() + (aref_batched ? b * Lqp : 0) + i0;
+  }
   // the factor the softmax applies to the scores: the scale itself unless score_row already applied it
   T exp_scale() const { return tapa || p.kind == ENC_ALIBI ? T(1) : scale; }
   // TAPA: the run of Omega for query position qp and the keys of a tile starting at kp0, or null
@@ -472,14 +481,21 @@ FPE_INLINE void tapa_score(T om, T sc, T* s, T* x, T* y, int j) {
 // dS in the gradients of q_A.k_A (scale cos psi) and of q_P.k_P (-amp sin psi Omega); om is Omega of the row's
 // keys from the per-call table (Plan::omega_run), or null to compute it. No float op sits under a condition (GCC
 // would not vectorize the loop for AVX2).
-// |a - b| for positions in [-2^62, 2^62), formed exactly in int64, then rounded to double once
-FPE_INLINE double wide_distance(int64_t a, int64_t b) { return static_cast<double>(a >= b ? a - b : b - a); }
+// |a - b| for positions in [-2^62, 2^62), formed exactly in int64
+FPE_INLINE int64_t int_distance(int64_t a, int64_t b) { return a >= b ? a - b : b - a; }
+// |a - b| rounded to double once
+FPE_INLINE double wide_distance(int64_t a, int64_t b) { return static_cast<double>(int_distance(a, b)); }
 
 template <class T, bool GRAD>
 FPE_INLINE void score_row(const Plan<T>& c, int64_t qp, const int64_t* kp, const double* kpd, const T* om, int nk,
-                          bool mask, T slope, T* s, T* x, T* y) {
+                          bool mask, T slope, int64_t ref, T* s, T* x, T* y) {
   const T sc = c.scale;
   const double qpd = static_cast<double>(qp - c.pos_base);
+  alignas(64) T gathered[BK];
+  if (c.tapa && om == nullptr && c.omega != nullptr) {  // keys not consecutive, in the table's range: gather
+    for (int j = 0; j < BK; ++j) gathered[j] = j < nk ? c.omega[kp[j] - qp - c.omega_lo] : T(0);
+    om = gathered;
+  }
   if (c.tapa && om != nullptr) {
 #pragma omp simd
     for (int j = 0; j < BK; ++j) tapa_score<T, GRAD>(om[j], sc, s, x, y, j);
@@ -494,12 +510,14 @@ FPE_INLINE void score_row(const Plan<T>& c, int64_t qp, const int64_t* kp, const
 #pragma omp simd
       for (int j = 0; j < BK; ++j) tapa_score<T, GRAD>(omega(std::fabs(qpd - kpd[j])), sc, s, x, y, j);
     }
-  } else if (c.p.kind == ENC_ALIBI) {
+  } else if (c.p.kind == ENC_ALIBI) {  // relative to the row's nearest visible key at distance ref (Plan::aref)
     if (c.wide) {
-      for (int j = 0; j < BK; ++j) s[j] = s[j] * sc - slope * static_cast<T>(wide_distance(qp, kp[j]));
-    } else {
+      for (int j = 0; j < BK; ++j)
+        s[j] = s[j] * sc - slope * static_cast<T>(static_cast<double>(int_distance(qp, kp[j]) - ref));
+    } else {  // exact: every operand an integer below 2^53
+      const double rd = static_cast<double>(ref);
 #pragma omp simd
-      for (int j = 0; j < BK; ++j) s[j] = s[j] * sc - slope * static_cast<T>(std::fabs(qpd - kpd[j]));
+      for (int j = 0; j < BK; ++j) s[j] = s[j] * sc - slope * static_cast<T>(std::fabs(qpd - kpd[j]) - rd);
     }
   }  // else the scale stays in the softmax: exp(scale * s - m), see Plan::exp_scale
   if (!mask) return;
@@ -577,8 +595,10 @@ FPE_CPU_CLONES void prep_do_block(const Plan<T>& c, const T* dout, const T* out,
     const int64_t t = qb * BQ + i;
     const T *g = dout + ((b * dm.Lq + t) * dm.H + h) * dm.Dv, *o = out + ((b * dm.Lq + t) * dm.H + h) * dm.Dv;
     std::copy(g, g + dm.Dv, rows + i * Dvp);
+    // in index order, one (fused) multiply-add at a time: the order of gemm's sums, so that a row whose output is
+    // one key's v (a single visible key) gets delta == dP bitwise and dS exactly 0, as in exact arithmetic (a
+    // reordered sum leaves rounding noise there, which TAPA's dS factors scale by up to Omega ~ 1e5)
     T acc = 0;
-#pragma omp simd reduction(+ : acc)
     for (int64_t e = 0; e < dm.Dv; ++e) acc += g[e] * o[e];
     c.delta[(b * dm.H + h) * dm.Lq + t] = acc;
   }
@@ -604,6 +624,7 @@ FPE_CPU_CLONES void forward_block(const Plan<T>& c, int64_t item, T* scratch, T*
   const int64_t* qp = c.qpos + (c.qpos_batched ? b * c.Lqp : 0) + i0;
   const T esc = c.exp_scale();
   const T slope = c.p.kind == ENC_ALIBI ? static_cast<T>(c.p.slopes[(c.p.slopes_batch > 1 ? b : 0) * dm.H + h]) : T(0);
+  const int64_t* rq = c.row_refs(b, i0);
   std::fill(O, O + Mq * Dvp, T(0));
   std::fill(m, m + BQ, ninf);
   std::fill(l, l + BQ * kW<T>, T(0));
@@ -618,7 +639,8 @@ FPE_CPU_CLONES void forward_block(const Plan<T>& c, int64_t item, T* scratch, T*
     const bool mask = c.masked(b, qb, kt);
     for (int i = 0; i < nq; ++i) {  // online softmax: S becomes P = exp(s - m_new), O is rescaled by corr
       T* s = S + i * BK;
-      score_row<T, false>(c, qp[i], kp, kpd, c.omega_run(b, kt, qp[i], kp[0]), nk, mask, slope, s, X + i * BK, nullptr);
+      score_row<T, false>(c, qp[i], kp, kpd, c.omega_run(b, kt, qp[i], kp[0]), nk, mask, slope, rq ? rq[i] : 0, s,
+                          X + i * BK, nullptr);
       const T rm = esc * row_max(s);  // esc > 0: the max of the scaled scores
       const T mx = (rm > m[i]) | (rm != rm) ? rm : m[i];  // NaN propagates (std::max would drop it)
       if (mx == ninf) {  // nothing visible yet
@@ -660,15 +682,15 @@ FPE_CPU_CLONES void forward_block(const Plan<T>& c, int64_t item, T* scratch, T*
 // ALiBi: this row's share of dL/dslope = -sum_n dS_n |m - n|, with dS = P (dP - delta) from the row's scores s
 // (slope bias included) and dP = dO v_n in dp, before they become P and dS.
 template <class T>
-FPE_INLINE double alibi_dslope_row(const Plan<T>& c, int64_t qp, const int64_t* kp, const double* kpd, const T* s,
+FPE_INLINE double alibi_dslope_row(const Plan<T>& c, int64_t qp, const int64_t* kp, int64_t ref, const T* s,
                                    const T* dp, T L, T dl) {
   if (L == -std::numeric_limits<T>::infinity()) return 0;  // the row sees no key
-  const double qpd = static_cast<double>(qp - c.pos_base);
+  // sum_n dS_n = 0, so the distances may be taken relative to the row's reference ref: no cancellation at large ones
   double acc = 0;
   for (int j = 0; j < BK; ++j) {
     const T pj = vexp(s[j] - L);
     if (pj == T(0)) continue;  // invisible keys (s = -inf) and padding
-    acc += static_cast<double>(pj * (dp[j] - dl)) * (c.wide ? wide_distance(qp, kp[j]) : std::fabs(qpd - kpd[j]));
+    acc += static_cast<double>(pj * (dp[j] - dl)) * static_cast<double>(int_distance(qp, kp[j]) - ref);
   }
   return -acc;
 }
@@ -688,6 +710,7 @@ FPE_CPU_CLONES void backward_item(const Plan<T>& c, int64_t item, T* scratch, co
   const T ninf = -std::numeric_limits<T>::infinity(), sc = c.scale, esc = c.exp_scale();
   const T slope = c.p.kind == ENC_ALIBI ? static_cast<T>(c.p.slopes[(c.p.slopes_batch > 1 ? b : 0) * dm.H + h]) : T(0);
   const T* lse_bh = lse + (b * dm.H + h) * dm.Lq;
+  const int64_t* rq_bh = c.row_refs(b, 0);
   const T* delta = c.delta + (b * dm.H + h) * dm.Lq;
   T* gq = c.gq + ((share * dm.B + b) * dm.H + h) * c.Lqp * Dp;
   std::fill(gq, gq + c.Lqp * Dp, T(0));
@@ -715,8 +738,9 @@ FPE_CPU_CLONES void backward_item(const Plan<T>& c, int64_t item, T* scratch, co
       gemm<T, false>(Mq, BK, dm.Dv, DO, Dvp, 1, VT, BK, DP, BK);  // dP = dO V^T
       for (int i = 0; i < nq; ++i) {  // S becomes P, DP becomes dS (times the amplitude factor), X the phase part
         T *s = S + i * BK, *dp = DP + i * BK, *x = X + i * BK, *y = Y + i * BK;
-        score_row<T, true>(c, qp[i], kp, kpd, c.omega_run(b, kt, qp[i], kp[0]), nk, mask, slope, s, x, y);
-        if (c.dslope) dslope_acc += alibi_dslope_row<T>(c, qp[i], kp, kpd, s, dp, lse_bh[i0 + i], delta[i0 + i]);
+        const int64_t ref = rq_bh ? rq_bh[i0 + i] : 0;
+        score_row<T, true>(c, qp[i], kp, kpd, c.omega_run(b, kt, qp[i], kp[0]), nk, mask, slope, ref, s, x, y);
+        if (c.dslope) dslope_acc += alibi_dslope_row<T>(c, qp[i], kp, ref, s, dp, lse_bh[i0 + i], delta[i0 + i]);
         const T L = lse_bh[i0 + i], dl = delta[i0 + i];
         if (L == ninf) {  // the row sees no key
           std::fill(s, s + BK, T(0));
@@ -790,6 +814,34 @@ FPE_CPU_CLONES void decode_head(const Plan<T>& c, int64_t task, const T* q, cons
 }
 
 // ---- launchers ----------------------------------------------------------------------------------------------------
+// Plan::aref: per batch of positions, a binary search per query when the keys ascend (the usual case), else a scan.
+template <class T>
+void nearest_key_distances(Plan<T>& c, const int64_t* qp, int64_t Bq, const int64_t* kp, int64_t Bk) {
+  const Dims& dm = c.dm;
+  const int64_t Br = std::max(Bq, Bk);
+  c.aref_batched = Br > 1;
+  c.aref.assign(Br * c.Lqp, 0);
+  for (int64_t b = 0; b < Br; ++b) {
+    const int64_t *Q = qp + (Bq > 1 ? b : 0) * dm.Lq, *K = kp + (Bk > 1 ? b : 0) * dm.Lk, *Ke = K + dm.Lk;
+    int64_t* r = c.aref.data() + b * c.Lqp;
+    if (dm.Lk == 0) continue;
+    const bool ascending = std::is_sorted(K, Ke);
+    for (int64_t i = 0; i < dm.Lq; ++i) {
+      const int64_t x = Q[i];
+      int64_t best = std::numeric_limits<int64_t>::max();
+      if (ascending) {
+        const int64_t* it = std::upper_bound(K, Ke, x);  // the first key after x
+        if (it != K) best = x - it[-1];
+        if (!c.causal && it != Ke) best = std::min(best, *it - x);
+      } else {
+        for (const int64_t* k = K; k != Ke; ++k)
+          if (!c.causal || *k <= x) best = std::min(best, int_distance(x, *k));
+      }
+      r[i] = best == std::numeric_limits<int64_t>::max() ? 0 : best;
+    }
+  }
+}
+
 // Geometry, padded positions, block summaries, table rows and the operand buffers; `keep` owns the memory.
 template <class T>
 Plan<T> make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_pos,
@@ -833,6 +885,7 @@ Plan<T> make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
   keep.push_back((keep.back() - c.pos_base).to(at::kDouble));
   c.kposd = keep.back().data_ptr<double>();
+  if (p.kind == ENC_ALIBI) nearest_key_distances(c, qp, Bq, kp, Bk);
   c.qmin.assign(Bq * c.nqb, std::numeric_limits<int64_t>::max());
   c.qmax.assign(Bq * c.nqb, std::numeric_limits<int64_t>::min());
   c.kmin.assign(Bk * c.nkt, std::numeric_limits<int64_t>::max());

@@ -2,6 +2,17 @@
 
 In the causal case every visible key has ``n <= m`` so ``|m - n| = m - n``: one formula serves the
 causal and the non-causal (FlashAttention) conventions. Slopes follow the official ``get_slopes``.
+
+Exact at any distance. A row's softmax does not change when a constant is added to every score, so
+the bias is formed relative to the row's nearest visible key: ``-slope * (|m - n| - r_m)`` with
+``r_m = min |m - n|`` over the keys row m sees (0 when it sees none), ``|m - n| - r_m`` an exact int64
+rounded once. Nothing of size ``slope * |m - n|`` is rounded, so the scores that matter (those near
+the row max) carry the rounding of ``slope * (|m - n| - r_m)`` only, whatever the positions: a query
+2^40 past every key gets the same accuracy as one next to them. The reference and the ``cpu``
+backend (its forward and its backward, which reads the lse relative to the same ``r_m``) do this. The
+``triton`` and ``cuda`` kernels form ``slope * |m - n|`` itself (r_m = 0): the same numbers whenever
+every query has a key at distance 0 (the default positions, causal or not, and every prefill or
+decode layout that keeps the query's own key), else a score error of about ``ulp(slope * r_m)``.
 """
 from __future__ import annotations
 
@@ -30,6 +41,18 @@ def alibi_slopes(nheads: int) -> torch.Tensor:
     if c < nheads:
         slopes += alibi_slopes(2 * c).tolist()[0::2][: nheads - c]
     return torch.tensor(slopes, dtype=torch.float32)
+
+
+def nearest_key_distance(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
+    """``r (Bp, Lq)`` int64: ``min |m - n|`` over the keys each query sees (``n <= m`` when ``causal``), 0
+    for a query that sees none. ``q_pos (Bp, Lq)``, ``k_pos (Bp, Lk)`` int64 (O(Lq Lk) memory: reference use)."""
+    dist = (q_pos[:, :, None] - k_pos[:, None, :]).abs()  # (Bp, Lq, Lk)
+    if causal:
+        dist = dist.masked_fill(k_pos[:, None, :] > q_pos[:, :, None], torch.iinfo(torch.int64).max)
+    if dist.shape[-1] == 0:
+        return dist.new_zeros(dist.shape[:-1])
+    r = dist.amin(-1)
+    return torch.where(r == torch.iinfo(torch.int64).max, torch.zeros_like(r), r)
 
 
 class ALiBi(Encoding):
@@ -67,14 +90,16 @@ class ALiBi(Encoding):
             s = self._slopes.to(device=device, dtype=torch.float32)
         return s[None] if s.dim() == 1 else s
 
-    def scores(self, q, k, q_pos, k_pos, softmax_scale):
+    def scores(self, q, k, q_pos, k_pos, softmax_scale, causal=False):
         # the bias is formed in float32 (float64 for float64 inputs), as the kernels do: in fp16/bf16,
-        # slope * |m - n| would be rounded by up to a whole unit at long distances
+        # slope * |m - n| would be rounded by up to a whole unit at long distances; each row relative
+        # to its nearest visible key (module docstring)
         wd = torch.float64 if q.dtype == torch.float64 else torch.float32
         base = super().scores(q, k, q_pos, k_pos, softmax_scale).to(wd)
         slopes = self.slopes(q.shape[2], q.shape[0], q.device).to(wd)  # (Bs, H)
-        dist = (q_pos[:, :, None] - k_pos[:, None, :]).abs().to(wd)  # (Bp, Lq, Lk)
-        return base - slopes[:, :, None, None] * dist[:, None]
+        dist = (q_pos[:, :, None] - k_pos[:, None, :]).abs()  # (Bp, Lq, Lk) int64, exact
+        rel = (dist - nearest_key_distance(q_pos, k_pos, causal)[:, :, None]).to(wd)
+        return base - slopes[:, :, None, None] * rel[:, None]
 
     def kernel_params(self, head_dim, nheads, nheads_kv, batch, device) -> KernelParams:
         return KernelParams(kind="alibi", slopes=self.slopes(nheads, batch, device).contiguous())

@@ -160,8 +160,12 @@ class Encoding:
         return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
 
     def scores(self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-               softmax_scale: Optional[float]) -> torch.Tensor:
-        """Scores ``(B, H, Lq, Lk)`` from (already encoded) ``q (B,Lq,H,D)``, ``k (B,Lk,H,D)``."""
+               softmax_scale: Optional[float], causal: bool = False) -> torch.Tensor:
+        """Scores ``(B, H, Lq, Lk)`` from (already encoded) ``q (B,Lq,H,D)``, ``k (B,Lk,H,D)``.
+
+        Each row is defined up to a constant (the softmax does not see it): an encoding may shift a
+        row to keep its numbers small. ``causal``: the caller masks keys after the query (their scores
+        are then only required to be finite)."""
         return torch.einsum("bmhd,bnhd->bhmn", q, k) * self.score_scale(q.shape[-1], softmax_scale)
 
     # --- kernel parameters ----------------------------------------------------------------------

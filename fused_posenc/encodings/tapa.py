@@ -54,7 +54,7 @@ class TAPA(Encoding):
         """``c / sqrt(Dp)``."""
         return self.phase_scale / math.sqrt(head_dim - self.split(head_dim))
 
-    def scores(self, q, k, q_pos, k_pos, softmax_scale):
+    def scores(self, q, k, q_pos, k_pos, softmax_scale, causal=False):
         da, amp_scale, phase = self.split(q.shape[-1]), self.score_scale(q.shape[-1], softmax_scale), self.phase_factor(q.shape[-1])
         amp = torch.einsum("bmhd,bnhd->bhmn", q[..., :da], k[..., :da]) * amp_scale
         # phase in float32 or better: |psi| reaches hundreds, so even q_P . k_P is formed in float32
