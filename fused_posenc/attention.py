@@ -161,7 +161,9 @@ def resolve_encoding(encoding, head_dim: int, nheads: int, device=None) -> Encod
     return get_encoding(encoding)
 
 
-_CANONICAL: dict = {}
+# built at import, not on a first call that torch.compile may be tracing (an encoding made there gets a new id
+# every call; ops/native.py finds encodings by id)
+_CANONICAL: dict = {name: get_encoding(name) for name in ("none", "rope", "hope", "alibi", "tapa")}
 _FOPE_CACHE: dict = {}
 
 

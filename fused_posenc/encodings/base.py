@@ -15,12 +15,24 @@ Conventions used throughout the package:
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 KINDS = ("none", "rotary", "fope", "alibi", "tapa")
+_LIVE: "weakref.WeakValueDictionary[int, Encoding]" = weakref.WeakValueDictionary()
+
+
+def encoding_by_id(ident: int) -> "Encoding":
+    """The live encoding whose ``id`` is ``ident`` (``Encoding.__new__`` records every instance)."""
+    enc = _LIVE.get(ident)
+    if enc is None:
+        raise RuntimeError(f"fused_posenc: no live encoding has id {ident}. An encoding made inside a "
+                           "torch.compile'd function has a new id on every call: construct encodings (and name "
+                           "'fope' once) outside the compiled code, e.g. as a submodule of the model")
+    return enc
 
 
 @dataclass
@@ -134,6 +146,13 @@ class Encoding:
 
     name = "base"
     is_rotation = False
+
+    def __new__(cls, *args, **kwargs):
+        # every instance (copies and unpickled ones too: they are made through __new__) is findable by its id, so
+        # that a torch.library op, which takes no Python objects, can be handed one (ops/native.py)
+        obj = super().__new__(cls)
+        _LIVE[id(obj)] = obj
+        return obj
 
     def validate(self, head_dim: int, nheads: int, nheads_kv: int, batch: int) -> None:
         """Raise ``ValueError`` if this encoding cannot run with these shapes."""

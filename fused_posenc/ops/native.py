@@ -1,9 +1,10 @@
 """The C++/CUDA extension backend (``backend="cpu"`` / ``"cuda"``): launcher, autograd, entry point.
 
-Layout: the kernels live in ``csrc/`` (``fused_posenc._C``); :func:`_launch_fwd`/:func:`_launch_bwd`
-pack an encoding's :class:`~fused_posenc.encodings.base.KernelParams` into the extension's flat
-argument list; :class:`NativeAttention` is the autograd layer; :func:`native_attention` is what the
-backend registry calls with a validated :class:`~fused_posenc.attention.Problem`.
+Layout: the kernels live in ``csrc/`` (``fused_posenc._C``); :func:`_param_args` packs an encoding's
+:class:`~fused_posenc.encodings.base.KernelParams` into the extension's flat argument list; the custom ops
+``fused_posenc::native_forward`` / ``native_backward`` (:func:`native_forward`, :func:`native_backward`) are
+the calls torch.compile sees; :class:`NativeAttention` is the autograd layer; :func:`native_attention` is what
+the backend registry calls with a validated :class:`~fused_posenc.attention.Problem`.
 
 Learnable FoPE: the coefficients are passed expanded to one slice per query head and zero-padded to
 ``(H, Dk, P)``; the kernels return gradients w.r.t. that expanded tensor and autograd through the
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..backends.common import learnable_slopes
+from ..encodings.base import encoding_by_id
 from .autograd_util import PerEncodingCache, single_backward
 
 _KIND = {"none": 0, "rotary": 1, "fope": 2, "alibi": 3, "tapa": 4}
@@ -43,40 +45,99 @@ def _param_args(kp, cos_coef, sin_coef, device):
             float(kp.tapa_alpha)]
 
 
+# The extension's calls as torch.library custom ops, so that torch.compile traces a call as one node (fullgraph, no
+# graph break) with shapes from the fake implementations. What is Python-heavy (an encoding's kernel parameters:
+# exact turn fractions, pair tables, the per-encoding cache) happens inside the ops, which run eagerly, so a cold
+# cache never meets the tracer; the ops find the encoding by its ``id`` (encodings/base.py encoding_by_id).
+# Learnable tensors (FoPE's coefficients, ALiBi's slopes) are op inputs; empty tensors stand for "the encoding's own
+# (frozen) values". The ops have no derivative of their own: NativeAttention is the autograd layer.
 def _launch_fwd(q, k, v, q_pos, k_pos, causal, scale, enc_args):
-    out, lse = _ext().forward(q, k, v, q_pos, k_pos, causal, scale, *enc_args)
-    return out, lse
+    """The binding itself, with a flat encoding argument list (scripts/fuzz_native.py feeds it bad inputs)."""
+    return _ext().forward(q, k, v, q_pos, k_pos, causal, scale, *enc_args)
 
 
 def _launch_bwd(do, q, k, v, out, lse, q_pos, k_pos, causal, scale, enc_args, want_coef, want_slopes):
     return _ext().backward(do, q, k, v, out, lse, q_pos, k_pos, causal, scale, *enc_args, want_coef, want_slopes)
 
 
+def _kernel_args(enc_id: int, q, k, cos_coef, sin_coef, slopes) -> list:
+    """The extension's flat encoding arguments for a call (see _param_args)."""
+    enc = encoding_by_id(enc_id)
+    b, _, h, d = q.shape
+    hkv, dev = k.shape[2], q.device
+    kp = _PARAMS.get(enc, (d, h, hkv, b, str(dev)), lambda: enc.kernel_params(d, h, hkv, b, dev))
+    args = _param_args(kp, cos_coef if cos_coef.numel() else kp.fope_cos_coef,
+                       sin_coef if sin_coef.numel() else kp.fope_sin_coef, dev)
+    if slopes.numel():
+        args[9] = slopes
+    return args
+
+
+@torch.library.custom_op("fused_posenc::native_forward", mutates_args=())
+def native_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                   cos_coef: torch.Tensor, sin_coef: torch.Tensor, slopes: torch.Tensor, enc_id: int, causal: bool,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fused_posenc._C.forward``: ``out (B, Lq, H, Dv)`` in q's dtype and ``lse (B, H, Lq)`` (float32; float64
+    for float64 inputs on CPU). The lse is the backward's: ALiBi's on ``cpu`` is relative to each query's nearest
+    visible key (``encodings/alibi.py``). ``cos_coef``/``sin_coef`` ``(H, Dk, P)``, ``slopes`` ``(Bs, H)`` float32
+    override the encoding's own values when not empty."""
+    return tuple(_launch_fwd(q, k, v, q_pos, k_pos, causal, scale, _kernel_args(enc_id, q, k, cos_coef, sin_coef,
+                                                                                 slopes)))
+
+
+@native_forward.register_fake
+def _(q, k, v, q_pos, k_pos, cos_coef, sin_coef, slopes, enc_id, causal, scale):
+    b, lq, h, _ = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 and q.device.type == "cpu" else torch.float32
+    return q.new_empty(b, lq, h, v.shape[3]), q.new_empty(b, h, lq, dtype=lse_dtype)
+
+
+@torch.library.custom_op("fused_posenc::native_backward", mutates_args=())
+def native_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, cos_coef: torch.Tensor,
+                    sin_coef: torch.Tensor, slopes: torch.Tensor, enc_id: int, causal: bool, scale: float,
+                    want_coef: bool, want_slopes: bool) -> list[torch.Tensor]:
+    """``fused_posenc._C.backward``: ``[dq, dk, dv, dcos_coef, dsin_coef, dslopes]``; the coefficient gradients
+    ``(H, Dk, P)`` float32 only for FoPE with ``want_coef``, the slopes' ``(B, H)`` float32 only for ALiBi with
+    ``want_slopes``, else empty tensors."""
+    r = _launch_bwd(do, q, k, v, out, lse, q_pos, k_pos, causal, scale,
+                    _kernel_args(enc_id, q, k, cos_coef, sin_coef, slopes), want_coef, want_slopes)
+    return [q.new_empty(0, dtype=torch.float32) if x is None else x for x in r]  # (returns may not alias)
+
+
+@native_backward.register_fake
+def _(do, q, k, v, out, lse, q_pos, k_pos, cos_coef, sin_coef, slopes, enc_id, causal, scale, want_coef,
+      want_slopes):
+    coef = want_coef and cos_coef.numel() > 0
+    dcoef = [q.new_empty(cos_coef.shape if coef else (0,), dtype=torch.float32) for _ in range(2)]
+    slope = want_slopes and slopes.numel() > 0
+    dslopes = q.new_empty((q.shape[0], q.shape[2]) if slope else (0,), dtype=torch.float32)
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *dcoef, dslopes]
+
+
 # --- autograd ------------------------------------------------------------------------------------------
 class NativeAttention(torch.autograd.Function):
-    """Inputs: q, k, v; FoPE's expanded coefficients ``(H, Dk, P)`` float32 (or empty tensors); ALiBi's
-    slopes ``(Bs, H)`` float32 (or an empty tensor); positions ``(Bp, L)`` int64; the remaining encoding
-    arguments as plain values."""
+    """Inputs: q, k, v; FoPE's learnable coefficients expanded to ``(H, Dk, P)`` float32, ALiBi's learnable slopes
+    ``(Bs, H)`` float32 (else empty tensors: the encoding's own values); positions ``(Bp, L)`` int64; the
+    the encoding, causal, the score scale."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cos_coef, sin_coef, slopes, q_pos, k_pos, causal, scale, enc_args):
-        args = list(enc_args)
-        args[6], args[7], args[9] = cos_coef.detach(), sin_coef.detach(), slopes.detach()
-        out, lse = _launch_fwd(q.detach(), k.detach(), v.detach(), q_pos, k_pos, causal, scale, args)
+    def forward(ctx, q, k, v, cos_coef, sin_coef, slopes, q_pos, k_pos, enc, causal, scale):
+        out, lse = native_forward(q, k, v, q_pos, k_pos, cos_coef, sin_coef, slopes, id(enc), causal, scale)
         ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, cos_coef, sin_coef, slopes)
-        ctx.causal, ctx.scale, ctx.enc_args = causal, scale, enc_args
+        ctx.enc = enc  # alive until the backward (a temporary ALiBi(slopes=t) would be gone by then)
+        ctx.causal, ctx.scale = causal, scale
         return out
 
     @staticmethod
     @single_backward
     def backward(ctx, do):
         q, k, v, out, lse, q_pos, k_pos, cos_coef, sin_coef, slopes = ctx.saved_tensors
-        args = list(ctx.enc_args)
-        args[6], args[7], args[9] = cos_coef, sin_coef, slopes
         want_coef = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         want_slopes = ctx.needs_input_grad[5]
-        dq, dk, dv, dA, dB, dslopes = _launch_bwd(do.contiguous(), q, k, v, out, lse, q_pos, k_pos, ctx.causal,
-                                                  ctx.scale, args, want_coef, want_slopes)
+        dq, dk, dv, dA, dB, dslopes = native_backward(do.contiguous(), q, k, v, out, lse, q_pos, k_pos, cos_coef,
+                                                      sin_coef, slopes, id(ctx.enc), ctx.causal, ctx.scale,
+                                                      want_coef, want_slopes)
         if not want_coef:
             dA = dB = None
         if want_slopes:  # (B, H) -> the slopes' (Bs, H)
@@ -99,18 +160,14 @@ def native_attention(problem, name: str = "cpu") -> torch.Tensor:
     enc = p.encoding
     b, lq, lk, h, hkv, d, dv = p.shape
     dev = p.q.device
-    kp = _PARAMS.get(enc, (d, h, hkv, b, str(dev)), lambda: enc.kernel_params(d, h, hkv, b, dev))
     scale = float(enc.score_scale(d, p.softmax_scale))
-    cos_coef = sin_coef = slopes = _empty(dev)
-    if kp.kind == "fope":
-        cos_coef, sin_coef = kp.fope_cos_coef, kp.fope_sin_coef
-        if getattr(enc, "learnable", False) and torch.is_grad_enabled():
-            a, bb = enc.coef_per_query_head(h, hkv)  # differentiable (H, Dk, Dout)
-            pad = torch.zeros(h, a.shape[1], d // 2 - a.shape[2], device=dev, dtype=torch.float32)
-            cos_coef = torch.cat([a.to(device=dev, dtype=torch.float32), pad], -1)
-            sin_coef = torch.cat([bb.to(device=dev, dtype=torch.float32), pad], -1)
-    if kp.kind == "alibi":  # (Bs, H); the live, differentiable slopes when their gradient is wanted
-        slopes = enc.slopes(h, b, dev) if learnable_slopes(p) else kp.slopes
-    enc_args = _param_args(kp, None, None, dev)
+    cos_coef, sin_coef, slopes = (torch.empty(0, device=dev) for _ in range(3))  # three: apply takes no duplicates
+    if enc.name == "fope" and getattr(enc, "learnable", False) and torch.is_grad_enabled():
+        a, bb = enc.coef_per_query_head(h, hkv)  # differentiable (H, Dk, Dout)
+        pad = torch.zeros(h, a.shape[1], d // 2 - a.shape[2], device=dev, dtype=torch.float32)
+        cos_coef = torch.cat([a.to(device=dev, dtype=torch.float32), pad], -1)
+        sin_coef = torch.cat([bb.to(device=dev, dtype=torch.float32), pad], -1)
+    if learnable_slopes(p):  # (Bs, H): the live, differentiable slopes
+        slopes = enc.slopes(h, b, dev)
     return NativeAttention.apply(p.q, p.k, p.v, cos_coef, sin_coef, slopes, p.q_pos.contiguous(),
-                                 p.k_pos.contiguous(), p.causal, scale, enc_args)
+                                 p.k_pos.contiguous(), enc, p.causal, scale)
