@@ -213,3 +213,32 @@ def test_scores_depend_only_on_relative_position(enc, causal):
     # and the encoding is not a no-op: changing only the relative offset changes the output
     other = reference_attention(q, k, v, enc, causal=False, q_positions=qp + 3, k_positions=kp)
     assert not torch.allclose(other, reference_attention(q, k, v, enc, causal=False, q_positions=qp, k_positions=kp))
+
+
+def test_explicit_frequencies_equal_the_base_form():
+    # RoPE(inv_freq=...) (how a Hugging Face model's own frequencies come in) is RoPE(base) when they agree
+    from fused_posenc import RoPE
+    from fused_posenc.encodings.rope import rope_frequencies
+
+    theta, _ = rope_frequencies(16, 500.0, None)
+    a, b = RoPE(base=500.0, rotary_dim=16), RoPE(inv_freq=theta, attention_factor=1.0)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 9, 2, 24, dtype=torch.float64, generator=g) for _ in range(3))
+    ra = reference_attention(q, k, v, a, causal=True)
+    rb = reference_attention(q, k, v, b, causal=True)
+    torch.testing.assert_close(rb, ra, rtol=0, atol=1e-14)
+    c = reference_attention(q, k, v, RoPE(inv_freq=theta, attention_factor=1.5), causal=True)
+    assert (c - ra).abs().max() > 1e-3  # the factor scales cos and sin
+    assert repr(a) != repr(b) and "inv_freq" in repr(b)
+
+
+@pytest.mark.parametrize("kw,match", [({"inv_freq": [], "attention_factor": 1.0}, "non-empty"),
+                                      ({"inv_freq": [0.1, float("nan")]}, "finite"),
+                                      ({"inv_freq": [0.1, 0.01], "rotary_dim": 8}, "rotary_dim"),
+                                      ({"inv_freq": [0.1], "scaling": {"type": "linear", "factor": 2.0}}, "either"),
+                                      ({"attention_factor": 2.0}, "goes with inv_freq")])
+def test_explicit_frequencies_bad_input(kw, match):
+    from fused_posenc import RoPE
+
+    with pytest.raises(ValueError, match=match):
+        RoPE(**kw)

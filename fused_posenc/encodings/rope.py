@@ -117,13 +117,17 @@ class RoPE(Encoding):
             options (``factor``; YaRN: ``original_max_position_embeddings``, ``beta_fast=32``,
             ``beta_slow=1``, ``attention_factor``; Llama 3: ``original_max_position_embeddings``,
             ``low_freq_factor=1``, ``high_freq_factor=4``).
+        inv_freq: instead of ``base`` and ``scaling``, the frequencies themselves: ``(rotary_dim / 2,)`` radians
+            per position (e.g. a Hugging Face model's ``rotary_emb.inv_freq``, whatever its rope type); taken
+            as exact numbers (their float64 values), the angle ``pos * inv_freq[i]`` reduced exactly.
+        attention_factor: with ``inv_freq``, the factor on cos and sin (HF's ``attention_scaling``; 1 default).
     """
 
     name = "rope"
     is_rotation = True
 
     def __init__(self, base: float = 10000.0, rotary_dim: Optional[int] = None, interleaved: bool = False,
-                 scaling: Optional[dict] = None):
+                 scaling: Optional[dict] = None, inv_freq=None, attention_factor: Optional[float] = None):
         self.base = check_positive("base", base)
         if self.base == 1.0:
             raise ValueError("base must be != 1")
@@ -137,6 +141,22 @@ class RoPE(Encoding):
             raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
         self.interleaved = interleaved
         self.scaling = _normalise_scaling(scaling)
+        self.inv_freq = None
+        self.attention_factor = 1.0
+        if inv_freq is not None:
+            if scaling is not None:
+                raise ValueError("give either scaling or inv_freq, not both")
+            f = torch.as_tensor(inv_freq).detach().to("cpu", torch.float64).flatten()
+            if f.numel() == 0 or not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
+                raise ValueError("inv_freq must be a non-empty vector of finite, non-negative frequencies")
+            if rotary_dim is not None and rotary_dim != 2 * f.numel():
+                raise ValueError(f"rotary_dim={rotary_dim} but inv_freq has {f.numel()} frequencies (2x must match)")
+            self.inv_freq = tuple(f.tolist())
+            self.rotary_dim = 2 * f.numel()
+        if attention_factor is not None:
+            if inv_freq is None:
+                raise ValueError("attention_factor goes with inv_freq (YaRN's own comes from scaling)")
+            self.attention_factor = check_positive("attention_factor", attention_factor)
 
     def _d(self, head_dim: int) -> int:
         return head_dim if self.rotary_dim is None else self.rotary_dim
@@ -150,7 +170,10 @@ class RoPE(Encoding):
     def frequencies(self, head_dim: int) -> tuple[torch.Tensor, float]:
         """``(theta (P,) float64 over all P = headdim/2 pairs, zeros for pass-through, logit factor)``."""
         d = self._d(head_dim)
-        theta, att = rope_frequencies(d, self.base, self.scaling)
+        if self.inv_freq is not None:
+            theta, att = torch.tensor(self.inv_freq, dtype=torch.float64), self.attention_factor
+        else:
+            theta, att = rope_frequencies(d, self.base, self.scaling)
         full = torch.zeros(head_dim // 2, dtype=torch.float64)
         full[: d // 2] = theta
         return full, att
@@ -188,5 +211,8 @@ class RoPE(Encoding):
                             pair_scale=scale.to(device))
 
     def __repr__(self):
+        if self.inv_freq is not None:  # every frequency: the repr is the cache key (Encoding.cache_key)
+            return (f"{type(self).__name__}(inv_freq={self.inv_freq}, attention_factor={self.attention_factor}, "
+                    f"interleaved={self.interleaved})")
         return (f"{type(self).__name__}(base={self.base}, rotary_dim={self.rotary_dim}, "
                 f"interleaved={self.interleaved}, scaling={self.scaling})")

@@ -1,0 +1,200 @@
+"""Hugging Face transformers models on the fused kernels, by one call.
+
+    from fused_posenc.integrations.transformers import apply_fused_posenc
+    apply_fused_posenc(model)                  # the model's own RoPE, now rotated inside the attention kernel
+    apply_fused_posenc(model, encoding="fope") # converted to FoPE (learnable coefficients per layer) to fine-tune
+
+Families: Llama, Mistral, Qwen2, Qwen3 (any attention module with ``q_proj``/``k_proj``/``v_proj``/``o_proj``,
+``head_dim`` and ``layer_idx``; Qwen3's ``q_norm``/``k_norm`` are applied as the stock model does).
+
+How it works. Each attention module's ``forward`` is replaced: the projections as in the stock module, then
+:func:`fused_posenc.fused_attention` with ``q_positions`` / ``k_positions`` from the model's ``position_ids``, so
+HF's separate rotation (``apply_rotary_pos_emb``) is not run at all. ``encoding=None`` reads the model's own
+RoPE from its rotary module: ``rotary_emb.inv_freq`` and ``attention_scaling``, which HF derives from the config
+for every rope type (default, linear, yarn with mscale/mscale_all_dim/truncate/attention_factor, llama3,
+``partial_rotary_factor``), become ``RoPE(inv_freq=..., attention_factor=...)``. The angles are then exact
+(``pos * inv_freq`` reduced exactly) where HF rounds ``float32(pos) * inv_freq``: equal to HF's to float32
+accuracy at short positions, more accurate at long ones. ``dynamic`` and ``longrope`` change their frequencies
+with the sequence length at run time and are refused (a clear error, not a silent difference).
+
+KV cache (``generate``). The cache holds the keys *unrotated* (the kernel rotates them by their positions); each
+layer keeps the positions of its cached keys beside them (on the cache object), so a call sees every key at the
+position it was given. With an attention mask (padding), the call takes the documented fallback: q and the keys
+rotated by :func:`fused_posenc.apply_rotary` (exact angles), then PyTorch's SDPA with the mask; the cache stays
+unrotated either way. ALiBi and TAPA have no masked fallback yet (an error says so). Sliding windows (Mistral,
+Qwen2 with ``use_sliding_window``) are exact while the keys fit the window; a longer call raises.
+"""
+from __future__ import annotations
+
+import math
+import types
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import fused_attention
+from ..encodings import Encoding, FoPE, RoPE, get_encoding
+from ..rotary import apply_rotary
+
+_REFUSED_ROPE_TYPES = {
+    "dynamic": "dynamic NTK rescales its frequencies once a sequence exceeds max_position_embeddings, at run time",
+    "longrope": "longrope switches between short and long factors by the sequence length at run time",
+}
+
+
+def _rope_type(config) -> str:
+    rp = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return str(rp.get("rope_type", rp.get("type", "default")))
+
+
+def rope_from_hf(config, rotary_emb: Optional[torch.nn.Module] = None) -> RoPE:
+    """The :class:`RoPE` of an HF config (the one place that reads one).
+
+    ``rotary_emb``: the model's rotary module (``model.model.rotary_emb``); its ``inv_freq`` and
+    ``attention_scaling`` are what the model computes with. Without it they are derived from the config by HF's
+    own rope functions (``transformers.modeling_rope_utils``)."""
+    kind = _rope_type(config)
+    if kind in _REFUSED_ROPE_TYPES:
+        raise NotImplementedError(f"rope type {kind!r} is not supported: {_REFUSED_ROPE_TYPES[kind]}")
+    if rotary_emb is not None:
+        inv_freq, att = rotary_emb.original_inv_freq if hasattr(rotary_emb, "original_inv_freq") \
+            else rotary_emb.inv_freq, float(rotary_emb.attention_scaling)
+    else:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        if kind == "default":
+            rp = getattr(config, "rope_parameters", None) or {}
+            base = rp.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            dim = int(head_dim * rp.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+            att = 1.0
+        else:
+            inv_freq, att = ROPE_INIT_FUNCTIONS[kind](config, torch.device("cpu"))
+    return RoPE(inv_freq=inv_freq, attention_factor=float(att))
+
+
+def _attention_modules(model):
+    for module in model.modules():
+        if all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "layer_idx")):
+            yield module
+
+
+def _rotary_module(model):
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "attention_scaling"):
+            return module
+    return None
+
+
+def apply_fused_posenc(model: torch.nn.Module, encoding: Union[None, str, Encoding] = None, backend: str = "auto",
+                       **encoding_options) -> torch.nn.Module:
+    """Make ``model``'s attention layers run on the fused kernels (in place; returns ``model``).
+
+    encoding: ``None`` keeps the model's own RoPE (read from its config, see :func:`rope_from_hf`); a name
+        (``"fope" | "hope" | "tapa" | "alibi" | "none" | "rope"``) or an :class:`Encoding` converts the model to
+        that encoding for continued training. FoPE by name gets one learnable FoPE per layer (its coefficients are
+        parameters of the layer: in ``model.parameters()`` and the state dict), sized by the model's head dim,
+        heads and ``max_position_embeddings``; ``encoding_options`` go to the encoding's constructor.
+    backend: as in :func:`fused_posenc.fused_attention`.
+    """
+    config = model.config
+    layers = list(_attention_modules(model))
+    if not layers:
+        raise ValueError(f"no attention module with q_proj/k_proj/v_proj/o_proj found in {type(model).__name__}")
+    shared = None
+    if encoding is None:
+        if encoding_options:
+            raise ValueError(f"encoding options {sorted(encoding_options)} given without an encoding")
+        shared = rope_from_hf(config, _rotary_module(model))
+    elif isinstance(encoding, Encoding):
+        shared = encoding
+    for attn in layers:
+        if shared is not None:
+            enc = shared
+        elif str(encoding).lower() == "fope":
+            opts = dict(num_heads=config.num_attention_heads, learnable=True,
+                        train_len=getattr(config, "max_position_embeddings", 4096))
+            opts.update(encoding_options)
+            p = next(attn.parameters())
+            enc = FoPE(head_dim=attn.head_dim, **opts).to(device=p.device)
+        else:
+            enc = get_encoding(encoding, **encoding_options)
+        if isinstance(enc, torch.nn.Module):
+            attn.fused_posenc_encoding = enc  # a submodule: its parameters train and save with the layer
+        else:
+            attn.__dict__["fused_posenc_encoding"] = enc
+        attn.fused_posenc_backend = backend
+        if not hasattr(attn, "_fused_posenc_stock_forward"):
+            attn._fused_posenc_stock_forward = attn.forward
+        attn.forward = types.MethodType(_fused_forward, attn)
+    return model
+
+
+def _key_positions(self, cache, q_pos, b):
+    """The positions of every key this call sees (cached ones first), ``(Bp, Lk)``; records them on the cache."""
+    if cache is None:
+        return q_pos
+    store = cache.__dict__.setdefault("_fused_posenc_positions", {})
+    prev = store.get(self.layer_idx)
+    if prev is not None and prev.shape[0] != q_pos.shape[0]:
+        prev, q_pos = prev.expand(b, -1), q_pos.expand(b, -1)
+    k_pos = q_pos if prev is None else torch.cat([prev, q_pos], dim=1)
+    store[self.layer_idx] = k_pos
+    return k_pos
+
+
+def _fused_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None,
+                   past_key_values=None, past_key_value=None, **kwargs):
+    cache = next((c for c in (cache, past_key_values, past_key_value) if c is not None), None)
+    enc = self.fused_posenc_encoding
+    b, t, _ = hidden_states.shape
+    shape = (b, t, -1, self.head_dim)
+    q = self.q_proj(hidden_states).view(shape)
+    k = self.k_proj(hidden_states).view(shape)
+    v = self.v_proj(hidden_states).view(shape)
+    if hasattr(self, "q_norm"):  # Qwen3: RMSNorm over the head dim before the rotation
+        q, k = self.q_norm(q), self.k_norm(k)
+    q_pos = kwargs.get("position_ids")
+    if q_pos is None:
+        past = 0 if cache is None else cache.get_seq_length(self.layer_idx)
+        q_pos = torch.arange(past, past + t, device=q.device)[None]
+    q_pos = q_pos.to(torch.int64)
+    if cache is not None:  # unrotated keys; (B, H, L, D) is the cache's layout
+        k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+        k, v = k_all.transpose(1, 2), v_all.transpose(1, 2)
+    k_pos = _key_positions(self, cache, q_pos, b)
+    window = getattr(self, "sliding_window", None)
+    if window is not None and k.shape[1] > window:
+        raise NotImplementedError(f"sliding window {window} with {k.shape[1]} keys: fused_posenc has no sliding "
+                                  "window yet (exact only while the keys fit the window)")
+    scale = getattr(self, "scaling", None)
+    if attention_mask is None:
+        out = fused_attention(q, k, v, enc, causal=True, softmax_scale=scale, q_positions=q_pos,
+                              k_positions=k_pos, backend=self.fused_posenc_backend)
+    else:
+        out = _masked_fallback(self, q, k, v, enc, q_pos, k_pos, attention_mask, scale)
+    out = self.o_proj(out.reshape(b, t, -1).contiguous())
+    return out, None
+
+
+def _masked_fallback(self, q, k, v, enc, q_pos, k_pos, mask, scale):
+    """With an attention mask: rotate by apply_rotary (exact angles) and run SDPA with the mask."""
+    if enc.name not in ("rope", "hope", "fope", "none"):
+        raise NotImplementedError(f"an attention mask (padding) with encoding {enc.name!r}: no fallback yet; "
+                                  "use unpadded batches")
+    h, hkv = q.shape[2], k.shape[2]
+    k = k.repeat_interleave(h // hkv, dim=2)
+    v = v.repeat_interleave(h // hkv, dim=2)
+    if enc.is_rotation:
+        q = apply_rotary(q, enc, q_pos.expand(q.shape[0], -1))
+        k = apply_rotary(k, enc, k_pos.expand(k.shape[0], -1))
+    d = q.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    if mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask[..., : k.shape[1]], scale=scale)
+    return out.transpose(1, 2)

@@ -1,0 +1,154 @@
+"""fused_posenc.integrations.transformers on tiny random Hugging Face models (no download): patched logits and
+parameter gradients equal the stock model's, greedy generate gives the same tokens (with and without padding),
+rope types and partial rotary are read from the config, unsupported ones raise, and models converted to FoPE /
+TAPA train with the FoPE coefficients as layer parameters."""
+import copy
+
+import pytest
+import torch
+
+import skips
+from fused_posenc.backends import get_backend
+
+_tf_problem = skips.import_problem("transformers")
+_cpu_ok, _cpu_why = get_backend("cpu").available()
+pytestmark = [pytest.mark.skipif(_tf_problem is not None, reason=f"transformers not importable ({_tf_problem}); "
+                                 "scripts/install.sh installs it (the [hf] extra)"),
+              pytest.mark.skipif(not _cpu_ok, reason=f"C++ extension not built: {_cpu_why}")]
+
+VOCAB = 101
+
+
+def _model(family, rope=None, partial=None, layers=2):
+    import transformers as tf
+
+    cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}[family]
+    params = {"rope_type": "default", "rope_theta": 10000.0, **(rope or {})}
+    if partial is not None:
+        params["partial_rotary_factor"] = partial
+    kw = dict(head_dim=16) if family == "qwen3" else {}
+    config = cls[0](hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                    num_hidden_layers=layers, vocab_size=VOCAB, max_position_embeddings=256,
+                    attn_implementation="sdpa", rope_parameters=params, **kw)
+    torch.manual_seed(0)
+    return cls[1](config).eval()
+
+
+ROPES = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    "yarn-mscale-notruncate": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                               "mscale": 0.8, "mscale_all_dim": 0.3, "truncate": False},
+}
+CASES = [("llama", r, None) for r in ROPES] + [("llama", "default", 0.5), ("mistral", "default", None),
+                                                ("qwen2", "default", None), ("qwen2", "yarn", None),
+                                                ("qwen3", "default", None), ("qwen3", "llama3", None)]
+
+
+def _patched(model, **kw):
+    from fused_posenc.integrations.transformers import apply_fused_posenc
+
+    return apply_fused_posenc(copy.deepcopy(model), backend="cpu", **kw)
+
+
+def _ids(b=2, t=23, seed=1):
+    return torch.randint(0, VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family,rope,partial", CASES)
+def test_logits_and_gradients_equal_the_stock_model(family, rope, partial):
+    stock = _model(family, ROPES[rope], partial)
+    fused = _patched(stock)
+    ids = _ids()
+    ref, out = stock(ids).logits, fused(ids).logits
+    # float32 idiom: the stock model's own float32 rounding is ~1e-7 here
+    assert (out - ref).abs().max().item() < 1e-5
+    for m in (stock, fused):
+        m.train()
+        m.zero_grad()
+        m(ids, labels=ids).loss.backward()
+    for (name, a), b in zip(stock.named_parameters(), fused.parameters()):
+        assert a.grad is not None and b.grad is not None, name
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_stock_rotation_is_not_run(monkeypatch):
+    # HF's apply_rotary_pos_emb must not run in a patched model (rotation happens once, in the kernel)
+    import transformers.models.llama.modeling_llama as llama
+
+    stock = _model("llama")
+    fused = _patched(stock)
+
+    def boom(*a, **k):
+        raise AssertionError("apply_rotary_pos_emb ran")
+
+    monkeypatch.setattr(llama, "apply_rotary_pos_emb", boom)
+    fused(_ids())
+    with pytest.raises(AssertionError, match="apply_rotary_pos_emb ran"):
+        stock(_ids())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_greedy_generate_equals_the_stock_model(family):
+    stock = _model(family, ROPES["yarn"])
+    fused = _patched(stock)
+    prompt = _ids(1, 6, seed=3)
+    a = stock.generate(prompt, max_new_tokens=10, do_sample=False)
+    b = fused.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert torch.equal(a, b), (a, b)
+
+
+def test_padded_generate_takes_the_masked_fallback_and_matches():
+    stock = _model("llama")
+    fused = _patched(stock)
+    ids = _ids(2, 9, seed=4).clamp(min=1)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0  # left padding
+    a = stock.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    b = fused.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b), (a, b)
+
+
+def test_rope_from_config_equals_rope_from_the_model():
+    from fused_posenc.integrations.transformers import rope_from_hf
+
+    for rope in ("default", "yarn", "llama3", "yarn-mscale-notruncate"):
+        m = _model("llama", ROPES[rope], layers=1)
+        a, b = rope_from_hf(m.config), rope_from_hf(m.config, m.model.rotary_emb)
+        assert a.inv_freq == b.inv_freq and a.attention_factor == pytest.approx(b.attention_factor), rope
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0},
+                                  {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                                   "original_max_position_embeddings": 64}])
+def test_runtime_dependent_rope_types_are_refused(rope):
+    m = _model("llama", rope, layers=1)
+    with pytest.raises(NotImplementedError, match=rope["rope_type"]):
+        _patched(m)
+
+
+@pytest.mark.parametrize("encoding", ["fope", "tapa"])
+def test_converted_models_train(encoding):
+    fused = _patched(_model("qwen2"), encoding=encoding)
+    fused.train()
+    names = [n for n, _ in fused.named_parameters() if "fused_posenc_encoding" in n]
+    assert (len(names) > 0) == (encoding == "fope"), names
+    if encoding == "fope":
+        assert any("cos_coef" in k for k in fused.state_dict())
+    opt = torch.optim.Adam(fused.parameters(), lr=3e-3)
+    ids = _ids(4, 16, seed=5)
+    losses = []
+    for _ in range(12):
+        opt.zero_grad()
+        loss = fused(ids, labels=ids).loss
+        loss.backward()
+        if encoding == "fope":
+            coef = dict(fused.named_parameters())[names[0]]
+            assert coef.grad is not None and coef.grad.abs().max() > 0
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
