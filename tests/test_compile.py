@@ -156,3 +156,18 @@ def test_tiny_lm_inductor_fullgraph():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_one_positions_tensor_for_queries_and_keys():
+    # self-attention with explicit positions passes one tensor as both (autograd.Function inputs may not repeat
+    # under Dynamo: the call would break the graph)
+    _, k, v = _inputs()
+    q = torch.randn(2, 19, 4, 16, requires_grad=True)
+    pos = torch.arange(19) * 3
+
+    def f(q, k, v, pos):
+        return fused_attention(q, k, v, "rope", causal=True, q_positions=pos, k_positions=pos, backend="cpu")
+
+    torch._dynamo.reset()
+    e = torch._dynamo.explain(f)(q, k, v, pos)
+    assert e.graph_break_count == 0, [r.reason for r in e.break_reasons]

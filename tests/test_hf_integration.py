@@ -152,3 +152,26 @@ def test_converted_models_train(encoding):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_patched_model_compiles_fullgraph(family):
+    # the whole patched model (HF's code around the fused custom ops) in one graph; the same loss and gradients
+    fused = _patched(_model(family, ROPES["yarn"]))
+    fused.train()
+    ids = _ids()
+
+    def loss_fn(ids):
+        return fused(ids, labels=ids).loss
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (loss_fn, compiled):
+        fused.zero_grad()
+        loss = fn(ids)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in fused.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)

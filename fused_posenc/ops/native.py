@@ -169,5 +169,7 @@ def native_attention(problem, name: str = "cpu") -> torch.Tensor:
         sin_coef = torch.cat([bb.to(device=dev, dtype=torch.float32), pad], -1)
     if learnable_slopes(p):  # (Bs, H): the live, differentiable slopes
         slopes = enc.slopes(h, b, dev)
-    return NativeAttention.apply(p.q, p.k, p.v, cos_coef, sin_coef, slopes, p.q_pos.contiguous(),
-                                 p.k_pos.contiguous(), enc, p.causal, scale)
+    q_pos, k_pos = p.q_pos.contiguous(), p.k_pos.contiguous()
+    if k_pos is q_pos:  # one tensor for both (self-attention): torch.compile traces no duplicate Function inputs
+        k_pos = k_pos.clone()
+    return NativeAttention.apply(p.q, p.k, p.v, cos_coef, sin_coef, slopes, q_pos, k_pos, enc, p.causal, scale)
