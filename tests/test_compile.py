@@ -171,3 +171,32 @@ def test_one_positions_tensor_for_queries_and_keys():
     torch._dynamo.reset()
     e = torch._dynamo.explain(f)(q, k, v, pos)
     assert e.graph_break_count == 0, [r.reason for r in e.break_reasons]
+
+
+@pytest.mark.parametrize("name", ["rope", "fope-learnable", "alibi-learnable"])
+def test_triton_backend_compiles_fullgraph(name):
+    # the Triton launches are custom ops too (ops/triton/autograd.py): on a GPU or, here, the Triton interpreter
+    import skips
+
+    why = skips.triton_skip_reason()
+    if why is not None:
+        pytest.skip(why)
+    enc = _fresh_encoding(name)
+    params = _params(enc)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 9, 4 if i == 0 else 2, 16, generator=g, requires_grad=True) for i in range(3))
+
+    def f(q, k, v):
+        return fused_attention(q, k, v, enc, causal=True, backend="triton")
+
+    torch._dynamo.reset()
+    e = torch._dynamo.explain(f)(q, k, v)
+    assert e.graph_break_count == 0, [r.reason for r in e.break_reasons]
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    do = torch.randn(1, 9, 4, 16, generator=g)
+    results = []
+    for fn in (f, compiled):
+        out = fn(q, k, v)
+        results.append([out, *torch.autograd.grad(out, [q, k, v, *params], do)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)

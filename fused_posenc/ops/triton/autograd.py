@@ -5,6 +5,7 @@ import os
 
 import torch
 
+from ...encodings.base import encoding_by_id
 from ..autograd_util import PerEncodingCache, single_backward
 from ...backends.common import learnable_slopes
 from .bounds import causal_bounds
@@ -26,50 +27,106 @@ def stream_mode(plan: Plan) -> str:
     return "pre" if plan.enc == 2 else mode
 
 
+# The launches as torch.library custom ops (as ops/native.py's): torch.compile traces a call as one node, with
+# shapes from the fake implementations; the plan (kernel parameters, cached per encoding) is built inside, found
+# by the encoding's id. Empty tensors stand for "none" (FoPE tables of other encodings, gradients not wanted).
+def _opt(t):
+    return None if t.numel() == 0 else t
+
+
+def _plan_of(enc_id: int, q, k, scale: float, fope_learnable: bool) -> Plan:
+    b, _, h, d = q.shape
+    plan = _cached_plan(encoding_by_id(enc_id), d, h, k.shape[2], b, q.device, scale)
+    return Plan(**{**plan.__dict__, "fope_learnable": fope_learnable}) if plan.enc == 2 else plan
+
+
+@torch.library.custom_op("fused_posenc::triton_forward", mutates_args=())
+def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tcq: torch.Tensor, tsq: torch.Tensor,
+                   tck: torch.Tensor, tsk: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, enc_id: int,
+                   scale: float, causal: bool, default_pos: bool,
+                   fope_learnable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out (B, Lq, H, Dv)`` in q's dtype, ``lse (B, H, Lq)`` float32 (log2 domain). FoPE tables ``(Bt, rows, Ht,
+    P)`` float32 for the query and key rows, or empty tensors."""
+    plan = _plan_of(enc_id, q, k, scale, fope_learnable)
+    inline = stream_mode(plan) == "inline" or not plan.rotation
+    q_tab = None if _opt(tcq) is None else (tcq, tsq)
+    k_tab = None if _opt(tck) is None else (tck, tsk)
+    k_arg = k if inline else rotate_tensor(k, k_pos, plan, plan.k_heads_rot, default_pos, nheads=q.shape[2],
+                                           tables=k_tab)
+    bounds = causal_bounds(q_pos, k_pos) if causal and not default_pos else None  # tile skipping
+    return attn_fwd(q, k_arg, v, q_pos, k_pos, plan, causal, default_pos, rotate_k=inline, q_tables=q_tab,
+                    bounds=bounds)
+
+
+@triton_forward.register_fake
+def _(q, k, v, tcq, tsq, tck, tsk, q_pos, k_pos, enc_id, scale, causal, default_pos, fope_learnable):
+    b, lq, h, _ = q.shape
+    return q.new_empty(b, lq, h, v.shape[3]), q.new_empty(b, h, lq, dtype=torch.float32)
+
+
+@torch.library.custom_op("fused_posenc::triton_backward", mutates_args=())
+def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, tcq: torch.Tensor, tsq: torch.Tensor, tck: torch.Tensor, tsk: torch.Tensor,
+                    q_pos: torch.Tensor, k_pos: torch.Tensor, enc_id: int, scale: float, causal: bool,
+                    default_pos: bool, fope_learnable: bool, slope_grad: bool) -> list[torch.Tensor]:
+    """``[dq, dk, dv, dtcq, dtsq, dtck, dtsk, dslopes]``: the table gradients in the tables' shapes (learnable
+    FoPE), ``dslopes (B, H)`` float32 (``slope_grad``), else empty tensors."""
+    plan = _plan_of(enc_id, q, k, scale, fope_learnable)
+    inline = stream_mode(plan) == "inline" or not plan.rotation
+    q_tab = None if _opt(tcq) is None else (tcq, tsq)
+    k_tab = None if _opt(tck) is None else (tck, tsk)
+    q_rot = k_rot = None
+    if not inline:
+        lq, lk = q.shape[1], k.shape[1]
+        q_rot = rotate_tensor(q, q_pos, plan, q.shape[2], default_pos, pos_offset=lk - lq, tables=q_tab)
+        k_rot = rotate_tensor(k, k_pos, plan, plan.k_heads_rot, default_pos, nheads=q.shape[2], tables=k_tab)
+    bounds = causal_bounds(q_pos, k_pos) if causal and not default_pos else None
+    dq, dk, dv, tabs, dslopes = attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan, causal, default_pos,
+                                         rotate_stream=inline, q_rot=q_rot, k_rot=k_rot, q_tables=q_tab,
+                                         k_tables=k_tab, slope_grad=slope_grad, bounds=bounds)
+    tab_grads = [q.new_empty(0, dtype=torch.float32) for _ in range(4)]
+    if tabs is not None:  # per-row, per-query-head table gradients -> the tables' own shapes
+        tab_grads = [_reduce_table_grad(g, t) for g, t in zip(tabs, (tcq, tsq, tck, tsk))]
+    return [dq, dk, dv, *tab_grads, q.new_empty(0, dtype=torch.float32) if dslopes is None else dslopes]
+
+
+@triton_backward.register_fake
+def _(do, q, k, v, out, lse, tcq, tsq, tck, tsk, q_pos, k_pos, enc_id, scale, causal, default_pos,
+      fope_learnable, slope_grad):
+    tabs = fope_learnable and tcq.numel() > 0
+    tab_grads = [q.new_empty(t.shape if tabs else (0,), dtype=torch.float32) for t in (tcq, tsq, tck, tsk)]
+    dslopes = q.new_empty((q.shape[0], q.shape[2]) if slope_grad else (0,), dtype=torch.float32)
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *tab_grads, dslopes]
+
+
 class TritonAttention(torch.autograd.Function):
     """Inputs: q (B, Lq, H, D), k (B, Lk, Hkv, D), v (B, Lk, Hkv, Dv); FoPE tables ``(Bt, rows, Ht, P)``
-    float32 for the query and key rows (``None`` for other encodings); ALiBi slopes ``(Bs, H)`` when their
-    gradient is wanted (the kernels read the plan's detached copy of the same values; else ``None``);
-    positions (Bp, L) int64."""
+    float32 for the query and key rows (empty tensors for other encodings); ALiBi slopes ``(Bs, H)`` when their
+    gradient is wanted (the kernels read the plan's detached copy of the same values; else an empty tensor);
+    positions (Bp, L) int64; the encoding, the score scale, causal, default positions, FoPE learnable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, tcq, tsq, tck, tsk, slopes, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool):
-        inline = stream_mode(plan) == "inline" or not plan.rotation
-        q_tab = None if tcq is None else (tcq, tsq)
-        k_tab = None if tck is None else (tck, tsk)
-        k_arg = k if inline else rotate_tensor(k, k_pos, plan, plan.k_heads_rot, default_pos, nheads=q.shape[2],
-                                               tables=k_tab)
-        bounds = causal_bounds(q_pos, k_pos) if causal and not default_pos else None  # tile skipping
-        out, lse = attn_fwd(q, k_arg, v, q_pos, k_pos, plan, causal, default_pos, rotate_k=inline, q_tables=q_tab,
-                            bounds=bounds)
-        ctx.bounds = bounds
+    def forward(ctx, q, k, v, tcq, tsq, tck, tsk, slopes, q_pos, k_pos, enc, scale, causal, default_pos,
+                fope_learnable):
+        out, lse = triton_forward(q, k, v, tcq, tsq, tck, tsk, q_pos, k_pos, id(enc), scale, causal, default_pos,
+                                  fope_learnable)
         ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, tcq, tsq, tck, tsk)
-        ctx.slopes_batch = None if slopes is None else slopes.shape[0]
-        ctx.plan, ctx.causal, ctx.default_pos, ctx.inline = plan, causal, default_pos, inline
+        ctx.slopes_batch = slopes.shape[0] if slopes.numel() else None
+        ctx.enc = enc  # alive until the backward
+        ctx.args = (scale, causal, default_pos, fope_learnable)
         return out
 
     @staticmethod
     @single_backward
     def backward(ctx, do):
         q, k, v, out, lse, q_pos, k_pos, tcq, tsq, tck, tsk = ctx.saved_tensors
-        plan, inline = ctx.plan, ctx.inline
-        q_tab = None if tcq is None else (tcq, tsq)
-        k_tab = None if tck is None else (tck, tsk)
-        q_rot = k_rot = None
-        if not inline:
-            lq, lk = q.shape[1], k.shape[1]
-            q_rot = rotate_tensor(q, q_pos, plan, q.shape[2], ctx.default_pos, pos_offset=lk - lq, tables=q_tab)
-            k_rot = rotate_tensor(k, k_pos, plan, plan.k_heads_rot, ctx.default_pos, nheads=q.shape[2], tables=k_tab)
         slope_grad = ctx.slopes_batch is not None and ctx.needs_input_grad[7]
-        dq, dk, dv, tabs, dslopes = attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan, ctx.causal, ctx.default_pos,
-                                             rotate_stream=inline, q_rot=q_rot, k_rot=k_rot, q_tables=q_tab,
-                                             k_tables=k_tab, slope_grad=slope_grad, bounds=ctx.bounds)
-        if dslopes is not None and ctx.slopes_batch == 1:  # (B, H) -> the slopes' (1, H)
+        dq, dk, dv, *tabs, dslopes = triton_backward(do, q, k, v, out, lse, tcq, tsq, tck, tsk, q_pos, k_pos,
+                                                     id(ctx.enc), *ctx.args, slope_grad)
+        if slope_grad and ctx.slopes_batch == 1:  # (B, H) -> the slopes' (1, H)
             dslopes = dslopes.sum(0, keepdim=True)
-        grads = [None] * 4
-        if tabs is not None:  # per-row, per-query-head table gradients -> the tables' own shapes
-            grads = [_reduce_table_grad(g, t) for g, t in zip(tabs, (tcq, tsq, tck, tsk))]
-        return (dq, dk, dv, *grads, dslopes, None, None, None, None, None)
+        grads = [g if ctx.needs_input_grad[3 + i] and g.numel() else None for i, g in enumerate(tabs)]
+        return (dq, dk, dv, *grads, dslopes if slope_grad else None, None, None, None, None, None, None, None)
 
 
 def _reduce_table_grad(g, table):
@@ -100,12 +157,15 @@ def triton_attention(p) -> torch.Tensor:
     """Run a validated :class:`~fused_posenc.attention.Problem` through the Triton kernels."""
     enc = p.encoding
     b, lq, lk, h, hkv, d, dv = p.shape
-    plan = _cached_plan(enc, d, h, hkv, b, p.q.device, enc.score_scale(d, p.softmax_scale))
-    tables = [None] * 4
-    slopes = enc.slopes(h, b, p.q.device) if learnable_slopes(p) else None  # differentiable (Bs, H)
-    if plan.enc == 2:
+    scale = enc.score_scale(d, p.softmax_scale)
+    tables = [torch.empty(0, device=p.q.device) for _ in range(4)]  # distinct: apply takes no duplicate inputs
+    slopes = enc.slopes(h, b, p.q.device) if learnable_slopes(p) else torch.empty(0, device=p.q.device)
+    learnable = False
+    if enc.name == "fope":
         learnable = enc.learnable and torch.is_grad_enabled()
-        plan = Plan(**{**plan.__dict__, "fope_learnable": learnable})
         tables = [*fope_tables(enc, p.q_pos), *fope_tables(enc, p.k_pos)]
-    return TritonAttention.apply(p.q, p.k, p.v, *tables, slopes, p.q_pos.contiguous(), p.k_pos.contiguous(), plan,
-                                 p.causal, p.default_positions)
+    q_pos, k_pos = p.q_pos.contiguous(), p.k_pos.contiguous()
+    if k_pos is q_pos:
+        k_pos = k_pos.clone()
+    return TritonAttention.apply(p.q, p.k, p.v, *tables, slopes, q_pos, k_pos, enc, scale, p.causal,
+                                 p.default_positions, learnable)
