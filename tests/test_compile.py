@@ -200,3 +200,24 @@ def test_triton_backend_compiles_fullgraph(name):
         results.append([out, *torch.autograd.grad(out, [q, k, v, *params], do)])
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_triton_opcheck():
+    import skips
+
+    why = skips.triton_skip_reason()
+    if why is not None:
+        pytest.skip(why)
+    from fused_posenc.attention import prepare
+    from fused_posenc.ops.triton.autograd import triton_backward, triton_forward
+
+    enc = _fresh_encoding("rope")
+    q, k, v = (t.detach() for t in _inputs(7))
+    p = prepare(q, k, v, enc, True, None, None, None)
+    none = [torch.empty(0) for _ in range(4)]
+    scale = float(enc.score_scale(16, None))
+    fwd_args = (q, k, v, *none, p.q_pos.contiguous(), p.k_pos.contiguous().clone(), id(enc), scale, True, True, False)
+    torch.library.opcheck(triton_forward, fwd_args)
+    out, lse = triton_forward(*fwd_args)
+    bwd_args = (torch.randn_like(out), q, k, v, out, lse, *none, *fwd_args[7:], False)
+    torch.library.opcheck(triton_backward, bwd_args)
