@@ -41,7 +41,7 @@ def test_fuzz_bad_bindings():
 # ~2-ulp pow instead of the per-call table), rows that see a single key (dS = 0 exactly: the delta summation order),
 # and float64 TAPA at distance 10^6 (psi ~ 1e7 rad: the phase floor)
 @pytest.mark.parametrize("seed,index", [(2, 1000020), (0, 234), (1, 263), (1, 276), (6, 395), (9, 1000050),
-                                        (24, 1000029), (18, 277)])
+                                        (24, 1000029), (18, 277), (22, 348), (23, 1000026), (30, 57)])
 def test_fuzz_former_failures(seed, index):
     summary = _fuzz("--seed", str(seed), "--only", str(index))
     assert "1 random cases" in summary and " 0 failures" in summary, summary
