@@ -202,8 +202,6 @@ def test_native_calls_release_the_gil():
     """While one thread runs a long native forward, another Python thread keeps running."""
     from fused_posenc import _C
 
-    q, k, v = make_qkv(1, 1536, 1536, 4, 4, 64, torch.float32, requires_grad=False)
-    p, scale, args = _native_args("tapa", q, k, v)
     ticks = [0]
     stop = threading.Event()
 
@@ -211,16 +209,24 @@ def test_native_calls_release_the_gil():
         while not stop.is_set():
             ticks[0] += 1
 
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # the kernel on one core, the counter free to run on another
     t = threading.Thread(target=count)
     t.start()
     try:
         time.sleep(0.05)
-        t0, before = time.perf_counter(), ticks[0]
-        _C.forward(q, k, v, p.q_pos, p.k_pos, True, scale, *args)
-        took, during = time.perf_counter() - t0, ticks[0] - before
+        for length in (1024, 1536, 2304, 3456):  # until one call is long enough to tell (machines differ)
+            q, k, v = make_qkv(1, length, length, 4, 4, 64, torch.float32, requires_grad=False)
+            p, scale, args = _native_args("tapa", q, k, v)
+            t0, before = time.perf_counter(), ticks[0]
+            _C.forward(q, k, v, p.q_pos, p.k_pos, True, scale, *args)
+            took, during = time.perf_counter() - t0, ticks[0] - before
+            if took >= 0.15:
+                break
     finally:
         stop.set()
         t.join()
+        torch.set_num_threads(old)
     assert took > 0.05, f"the call took {took:.3f} s: too short to tell"
     # with the GIL held through the call the counter thread could not run at all (a few ticks at the edges)
     assert during > 1000, f"only {during} ticks in {took:.3f} s: the GIL was held"
