@@ -181,10 +181,13 @@ def test_triton_backend_compiles_fullgraph(name):
     why = skips.triton_skip_reason()
     if why is not None:
         pytest.skip(why)
-    enc = _fresh_encoding(name)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU, else the interpreter (CPU tensors)
+    enc = _fresh_encoding(name).to(dev) if name.startswith("fope") else _fresh_encoding(name)
+    if name == "alibi-learnable":
+        enc = ALiBi(slopes=torch.tensor([0.5, 0.25, 0.125, 0.0625], device=dev, requires_grad=True))
     params = _params(enc)
     g = torch.Generator().manual_seed(6)
-    q, k, v = (torch.randn(1, 9, 4 if i == 0 else 2, 16, generator=g, requires_grad=True) for i in range(3))
+    q, k, v = (torch.randn(1, 9, 4 if i == 0 else 2, 16, generator=g).to(dev).requires_grad_() for i in range(3))
 
     def f(q, k, v):
         return fused_attention(q, k, v, enc, causal=True, backend="triton")
@@ -193,7 +196,7 @@ def test_triton_backend_compiles_fullgraph(name):
     e = torch._dynamo.explain(f)(q, k, v)
     assert e.graph_break_count == 0, [r.reason for r in e.break_reasons]
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    do = torch.randn(1, 9, 4, 16, generator=g)
+    do = torch.randn(1, 9, 4, 16, generator=g).to(dev)
     results = []
     for fn in (f, compiled):
         out = fn(q, k, v)
@@ -211,10 +214,11 @@ def test_triton_opcheck():
     from fused_posenc.attention import prepare
     from fused_posenc.ops.triton.autograd import triton_backward, triton_forward
 
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU, else the interpreter (CPU tensors)
     enc = _fresh_encoding("rope")
-    q, k, v = (t.detach() for t in _inputs(7))
+    q, k, v = (t.detach().to(dev) for t in _inputs(7))
     p = prepare(q, k, v, enc, True, None, None, None)
-    none = [torch.empty(0) for _ in range(4)]
+    none = [torch.empty(0, device=dev) for _ in range(4)]
     scale = float(enc.score_scale(16, None))
     fwd_args = (q, k, v, *none, p.q_pos.contiguous(), p.k_pos.contiguous().clone(), id(enc), scale, True, True, False)
     torch.library.opcheck(triton_forward, fwd_args)
