@@ -3,11 +3,11 @@
     from fused_posenc import fused_attention
     out = fused_attention(q, k, v, encoding="fope", causal=True)
 """
-from .attention import fused_attention, reference_attention
+from .attention import fused_attention, merge_attention_partials, reference_attention
 from .encodings import ALiBi, Encoding, FoPE, HoPE, NoPE, RoPE, TAPA, get_encoding
 from .rotary import apply_rotary
 
 __version__ = "0.1.0"
 
-__all__ = ["fused_attention", "reference_attention", "apply_rotary", "NoPE", "RoPE", "HoPE", "FoPE", "ALiBi",
+__all__ = ["fused_attention", "reference_attention", "merge_attention_partials", "apply_rotary", "NoPE", "RoPE", "HoPE", "FoPE", "ALiBi",
            "TAPA", "get_encoding", "Encoding", "__version__"]

@@ -17,6 +17,7 @@ Shapes and conventions (all backends):
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class Problem:
     q_pos: torch.Tensor  # (Bp, Lq) int64
     k_pos: torch.Tensor  # (Bp, Lk) int64
     default_positions: bool = False  # both position tensors were defaulted (arange, bottom-right aligned)
+    return_lse: bool = False  # the backend returns (out, lse): lse (B, H, Lq), natural log, -inf for empty rows
 
     @property
     def shape(self):
@@ -178,7 +180,7 @@ def _default_fope(head_dim: int, nheads: int, device: torch.device) -> FoPE:
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encoding: Union[str, Encoding] = "rope",
                         *, causal: bool = False, softmax_scale: Optional[float] = None,
                         q_positions: Optional[torch.Tensor] = None,
-                        k_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        k_positions: Optional[torch.Tensor] = None, return_lse: bool = False):
     """Plain-PyTorch attention with a positional encoding, materialising the scores (the oracle).
 
     Same arguments and conventions as :func:`fused_attention` (minus ``backend``). Runs in the
@@ -188,13 +190,14 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encod
     from .reference import attention_math
 
     p = prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions)
-    return attention_math(p.q, p.k, p.v, p.encoding, p.causal, p.softmax_scale, p.q_pos, p.k_pos)
+    return attention_math(p.q, p.k, p.v, p.encoding, p.causal, p.softmax_scale, p.q_pos, p.k_pos,
+                          return_lse=_as_bool("return_lse", return_lse))
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encoding: Union[str, Encoding] = "rope",
                     *, causal: bool = False, softmax_scale: Optional[float] = None,
                     q_positions: Optional[torch.Tensor] = None, k_positions: Optional[torch.Tensor] = None,
-                    backend: str = "auto") -> torch.Tensor:
+                    backend: str = "auto", return_lse: bool = False):
     """Exact attention with the positional encoding computed inside the kernel.
 
     Args:
@@ -210,11 +213,44 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encoding:
         backend: ``"auto"`` (the fastest available backend supporting the inputs; the environment
             variable ``FUSED_POSENC_BACKEND`` overrides it), ``"triton"``, ``"cuda"``, ``"cpu"`` or
             ``"torch"`` (the reference).
+        return_lse: also return the log-sum-exp of each query row's scores (the softmax's normaliser).
 
     Returns:
-        ``(batch, seqlen_q, nheads, headdim_v)`` in q's dtype.
+        ``out (batch, seqlen_q, nheads, headdim_v)`` in q's dtype; with ``return_lse``, ``(out, lse)``, ``lse
+        (batch, nheads, seqlen_q)`` float32 (float64 for float64 inputs), natural log, ``-inf`` for a row that
+        sees no key (its output is 0). The lse is differentiable on every backend (the fused ones spend one
+        more backward pass on it when a loss reaches it). :func:`merge_attention_partials` combines results
+        over disjoint key sets.
     """
     from .backends import select_backend
 
     p = prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions)
+    if _as_bool("return_lse", return_lse):
+        p = dataclasses.replace(p, return_lse=True)
     return select_backend(backend, p).run(p)
+
+
+def merge_attention_partials(outs, lses):
+    """Combine attention results over disjoint key sets into the result over their union.
+
+    outs: sequence of ``(batch, seqlen_q, nheads, headdim_v)``; lses: matching ``(batch, nheads, seqlen_q)``
+    (as :func:`fused_attention` returns them with ``return_lse=True``). Returns ``(out, lse)``:
+    ``lse = logsumexp_i lse_i`` and ``out = sum_i exp(lse_i - lse) out_i`` (computed in float32, or float64
+    for float64 lses; out in the dtype of ``outs[0]``). Rows with every ``lse_i = -inf`` give 0 and -inf.
+    Differentiable (plain PyTorch).
+    """
+    outs, lses = list(outs), list(lses)
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"outs and lses must be non-empty and of one length, got {len(outs)} and {len(lses)}")
+    for i, (o, l) in enumerate(zip(outs, lses)):
+        if o.dim() != 4 or l.shape != (o.shape[0], o.shape[2], o.shape[1]):
+            raise ValueError(f"outs[{i}] {tuple(o.shape)} and lses[{i}] {tuple(l.shape)} must be "
+                             "(batch, seqlen_q, nheads, headdim_v) and (batch, nheads, seqlen_q)")
+        if o.shape != outs[0].shape:
+            raise ValueError(f"outs[{i}] has shape {tuple(o.shape)}, outs[0] {tuple(outs[0].shape)}")
+    wd = torch.float64 if any(l.dtype == torch.float64 for l in lses) else torch.float32
+    stack = torch.stack([l.to(wd) for l in lses])  # (n, B, H, Lq)
+    lse = torch.logsumexp(stack, 0)
+    w = torch.exp(stack - torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse))  # empty: 0
+    out = sum(wi.transpose(1, 2)[..., None] * o.to(wd) for wi, o in zip(w, outs))
+    return out.to(outs[0].dtype), lse

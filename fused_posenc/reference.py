@@ -13,12 +13,15 @@ from .encodings.base import Encoding
 
 
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enc: Encoding, causal: bool,
-                   softmax_scale, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+                   softmax_scale, q_pos: torch.Tensor, k_pos: torch.Tensor, return_lse: bool = False):
     """Reference attention on validated inputs.
 
     q: (B, Lq, H, D); k: (B, Lk, Hkv, D); v: (B, Lk, Hkv, Dv); q_pos: (Bp, Lq), k_pos: (Bp, Lk) int64.
-    Returns (B, Lq, H, Dv) in q's dtype. Differentiable w.r.t. q, k, v and encoding parameters.
+    Returns (B, Lq, H, Dv) in q's dtype; with ``return_lse`` also the rows' log-sum-exp (B, H, Lq), float32
+    (float64 for float64 inputs), -inf for rows that see no key. Differentiable w.r.t. q, k, v and encoding
+    parameters.
     """
+    batch, nheads_q = q.shape[0], q.shape[2]
     nheads, nheads_kv = q.shape[2], k.shape[2]
     group = nheads // nheads_kv
     if group > 1:
@@ -38,4 +41,13 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enc: Encod
     p = torch.softmax(scores, dim=-1)
     if causal:
         p = p.masked_fill(empty[:, None, :, None], 0.0)
-    return torch.einsum("bhmn,bnhd->bmhd", p.to(v.dtype), v)
+    out = torch.einsum("bhmn,bnhd->bmhd", p.to(v.dtype), v)
+    if not return_lse:
+        return out
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Lq)
+    shift = enc.lse_shift(q_pos, k_pos, causal, nheads_q, batch)  # what scores() added to each row
+    if shift is not None:
+        lse = lse - shift.to(lse.dtype)
+    if causal:
+        lse = lse.masked_fill(empty[:, None, :], float("-inf"))
+    return out, lse

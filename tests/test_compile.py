@@ -225,3 +225,18 @@ def test_triton_opcheck():
     out, lse = triton_forward(*fwd_args)
     bwd_args = (torch.randn_like(out), q, k, v, out, lse, *none, *fwd_args[7:], False)
     torch.library.opcheck(triton_backward, bwd_args)
+
+
+def test_return_lse_compiles_with_its_gradient():
+    enc = _fresh_encoding("alibi-learnable")
+    q, k, v = _inputs(8)
+
+    def f(q, k, v):
+        out, lse = fused_attention(q, k, v, enc, causal=True, backend="cpu", return_lse=True)
+        return out.square().sum() + lse.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    wrt = [q, k, v, enc._slopes]
+    for a, b in zip(torch.autograd.grad(f(q, k, v), wrt), torch.autograd.grad(compiled(q, k, v), wrt)):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)

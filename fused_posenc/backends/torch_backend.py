@@ -14,4 +14,5 @@ class TorchBackend:
     def run(self, p):
         from ..reference import attention_math
 
-        return attention_math(p.q, p.k, p.v, p.encoding, p.causal, p.softmax_scale, p.q_pos, p.k_pos)
+        return attention_math(p.q, p.k, p.v, p.encoding, p.causal, p.softmax_scale, p.q_pos, p.k_pos,
+                              return_lse=p.return_lse)

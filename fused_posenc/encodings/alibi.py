@@ -45,14 +45,22 @@ def alibi_slopes(nheads: int) -> torch.Tensor:
 
 def nearest_key_distance(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
     """``r (Bp, Lq)`` int64: ``min |m - n|`` over the keys each query sees (``n <= m`` when ``causal``), 0
-    for a query that sees none. ``q_pos (Bp, Lq)``, ``k_pos (Bp, Lk)`` int64 (O(Lq Lk) memory: reference use)."""
-    dist = (q_pos[:, :, None] - k_pos[:, None, :]).abs()  # (Bp, Lq, Lk)
-    if causal:
-        dist = dist.masked_fill(k_pos[:, None, :] > q_pos[:, :, None], torch.iinfo(torch.int64).max)
-    if dist.shape[-1] == 0:
-        return dist.new_zeros(dist.shape[:-1])
-    r = dist.amin(-1)
-    return torch.where(r == torch.iinfo(torch.int64).max, torch.zeros_like(r), r)
+    for a query that sees none. ``q_pos (Bq, Lq)``, ``k_pos (Bk, Lk)`` int64, ``Bq, Bk`` in ``{1, Bp}``.
+    O((Lq + Lk) log Lk): the keys sorted, each query's neighbours by a binary search (no device sync)."""
+    bp = max(q_pos.shape[0], k_pos.shape[0])
+    q_pos, k_pos = q_pos.expand(bp, -1).contiguous(), k_pos.expand(bp, -1)
+    if k_pos.shape[1] == 0:
+        return torch.zeros_like(q_pos)
+    keys = k_pos.sort(dim=-1).values  # (Bp, Lk)
+    after = torch.searchsorted(keys, q_pos, right=True)  # (Bp, Lq): keys[.., after - 1] <= m < keys[.., after]
+    big = torch.iinfo(torch.int64).max
+    lk = keys.shape[1]
+    below = keys.gather(1, (after - 1).clamp(min=0))
+    r = torch.where(after > 0, q_pos - below, torch.full_like(q_pos, big))
+    if not causal:
+        above = keys.gather(1, after.clamp(max=lk - 1))
+        r = torch.minimum(r, torch.where(after < lk, above - q_pos, torch.full_like(q_pos, big)))
+    return torch.where(r == big, torch.zeros_like(r), r)
 
 
 class ALiBi(Encoding):
@@ -100,6 +108,12 @@ class ALiBi(Encoding):
         dist = (q_pos[:, :, None] - k_pos[:, None, :]).abs()  # (Bp, Lq, Lk) int64, exact
         rel = (dist - nearest_key_distance(q_pos, k_pos, causal)[:, :, None]).to(wd)
         return base - slopes[:, :, None, None] * rel[:, None]
+
+    def lse_shift(self, q_pos, k_pos, causal, nheads, batch):
+        """``(Bs or Bp, H, Lq)`` float64: what :meth:`scores` added to each row (``slope * r_m``), to subtract
+        from a log-sum-exp of those scores for the true one."""
+        slopes = self.slopes(nheads, batch, q_pos.device).double()  # (Bs, H)
+        return slopes[:, :, None] * nearest_key_distance(q_pos, k_pos, causal).double()[:, None, :]
 
     def kernel_params(self, head_dim, nheads, nheads_kv, batch, device) -> KernelParams:
         return KernelParams(kind="alibi", slopes=self.slopes(nheads, batch, device).contiguous())

@@ -187,6 +187,12 @@ class Encoding:
         are then only required to be finite)."""
         return torch.einsum("bmhd,bnhd->bhmn", q, k) * self.score_scale(q.shape[-1], softmax_scale)
 
+    def lse_shift(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, nheads: int,
+                  batch: int) -> Optional[torch.Tensor]:
+        """What :meth:`scores` added to each row (broadcastable to ``(B, H, Lq)``), to subtract from a
+        log-sum-exp of those scores for the true one; ``None``: nothing (ALiBi shifts its rows)."""
+        return None
+
     # --- kernel parameters ----------------------------------------------------------------------
     def kernel_params(self, head_dim: int, nheads: int, nheads_kv: int, batch: int,
                       device: torch.device) -> KernelParams:

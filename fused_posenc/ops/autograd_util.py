@@ -56,3 +56,4 @@ class PerEncodingCache:
                 per_enc.pop(next(iter(per_enc)))
             per_enc[key] = value
         return value
+

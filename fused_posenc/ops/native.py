@@ -12,9 +12,12 @@ expansion (``repeat_interleave``/``expand``/``cat``) sums them back to the modul
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..backends.common import learnable_slopes
+from ..encodings.alibi import nearest_key_distance
 from ..encodings.base import encoding_by_id
 from .autograd_util import PerEncodingCache, single_backward
 
@@ -122,29 +125,62 @@ class NativeAttention(torch.autograd.Function):
     the encoding, causal, the score scale."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cos_coef, sin_coef, slopes, q_pos, k_pos, enc, causal, scale):
+    def forward(ctx, q, k, v, cos_coef, sin_coef, slopes, q_pos, k_pos, enc, causal, scale, return_lse):
         out, lse = native_forward(q, k, v, q_pos, k_pos, cos_coef, sin_coef, slopes, id(enc), causal, scale)
         ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, cos_coef, sin_coef, slopes)
         ctx.enc = enc  # alive until the backward (a temporary ALiBi(slopes=t) would be gone by then)
         ctx.causal, ctx.scale = causal, scale
-        return out
+        if not return_lse:
+            return out
+        ctx.set_materialize_grads(False)
+        public = lse.clone()
+        if enc.name == "alibi" and q.device.type == "cpu":  # the cpu lse is relative to the nearest visible key
+            public = public - enc.lse_shift(q_pos, k_pos, causal, q.shape[2], q.shape[0]).to(public.dtype)
+        return out, public
 
     @staticmethod
     @single_backward
-    def backward(ctx, do):
+    def backward(ctx, do, dlse=None):
         q, k, v, out, lse, q_pos, k_pos, cos_coef, sin_coef, slopes = ctx.saved_tensors
         want_coef = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         want_slopes = ctx.needs_input_grad[5]
-        dq, dk, dv, dA, dB, dslopes = native_backward(do.contiguous(), q, k, v, out, lse, q_pos, k_pos, cos_coef,
-                                                      sin_coef, slopes, id(ctx.enc), ctx.causal, ctx.scale,
-                                                      want_coef, want_slopes)
+        run = functools.partial(native_backward, q=q, k=k, lse=lse, q_pos=q_pos, k_pos=k_pos, cos_coef=cos_coef,
+                                sin_coef=sin_coef, slopes=slopes, enc_id=id(ctx.enc), causal=ctx.causal,
+                                scale=ctx.scale, want_coef=want_coef, want_slopes=want_slopes)
+        parts, dv = [], None
+        if do is not None:
+            parts.append(run(do=do.contiguous(), v=v, out=out))
+            dv = parts[0][2]
+        if dlse is not None:  # d(sum dlse * lse)/ds = P dlse: the backward of an output of ones (lse_grad_pass)
+            parts.append(lse_grad_pass(run, q, v, dlse))
+        dq, dk, _, dA, dB, dslopes = (x[0] if len(x) == 1 else x[0] + x[1] for x in zip(*parts))
+        if dlse is not None and want_slopes and ctx.enc.name == "alibi" and q.device.type == "cpu":
+            # the public lse is the cpu's (relative to the nearest visible key r) minus slope * r
+            r = nearest_key_distance(q_pos, k_pos, ctx.causal).to(dslopes.dtype)  # (Bp, Lq)
+            dslopes = dslopes - (dlse.to(dslopes.dtype) * r[:, None, :]).sum(-1)
         if not want_coef:
             dA = dB = None
         if want_slopes:  # (B, H) -> the slopes' (Bs, H)
             dslopes = dslopes.sum(0, keepdim=True) if slopes.shape[0] == 1 else dslopes
         else:
             dslopes = None
-        return dq, dk, dv, dA, dB, dslopes, None, None, None, None, None
+        return dq, dk, dv, dA, dB, dslopes, None, None, None, None, None, None
+
+
+def lse_grad_pass(run, q, v, dlse, upstream_dtype=None):
+    """The lse's share of the gradients, by the attention backward itself: with values ``v' = 1`` (one column)
+    and an output ``o' = 0`` (so ``delta' = 0``), upstream ``dO' = dlse`` makes ``dP' = dlse`` and ``dS = P dlse``,
+    the derivative of ``sum dlse * lse`` w.r.t. the scores; every gradient downstream of dS (rotations, FoPE
+    coefficients, ALiBi slopes, TAPA) follows. ``run``: the backend's backward with everything else bound;
+    ``upstream_dtype``: the dtype of ``dO'`` (default: the C++ backends' choice)."""
+    b, lq, h, _ = q.shape
+    # the C++ cpu kernels compute in float32 (float64): dlse unrounded; kernels that read dO in q's dtype get that
+    dt = upstream_dtype or (torch.float64 if q.dtype == torch.float64 else
+                            torch.float32 if q.device.type == "cpu" else q.dtype)
+    d_o = dlse.transpose(1, 2)[..., None].to(dt).contiguous()  # (B, Lq, H, 1)
+    ones = torch.ones(v.shape[0], v.shape[1], v.shape[2], 1, device=v.device, dtype=v.dtype)
+    zeros = torch.zeros(b, lq, h, 1, device=q.device, dtype=d_o.dtype)
+    return run(do=d_o, v=ones, out=zeros)
 
 
 _PARAMS = PerEncodingCache()  # kernel parameters on the device: a call copies nothing
@@ -172,4 +208,5 @@ def native_attention(problem, name: str = "cpu") -> torch.Tensor:
     q_pos, k_pos = p.q_pos.contiguous(), p.k_pos.contiguous()
     if k_pos is q_pos:  # one tensor for both (self-attention): torch.compile traces no duplicate Function inputs
         k_pos = k_pos.clone()
-    return NativeAttention.apply(p.q, p.k, p.v, cos_coef, sin_coef, slopes, q_pos, k_pos, enc, p.causal, scale)
+    return NativeAttention.apply(p.q, p.k, p.v, cos_coef, sin_coef, slopes, q_pos, k_pos, enc, p.causal, scale,
+                                 p.return_lse)

@@ -1,12 +1,14 @@
 """Autograd layer of the Triton backend and its public entry point ``triton_attention``."""
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
 from ...encodings.base import encoding_by_id
 from ..autograd_util import PerEncodingCache, single_backward
+from ..native import lse_grad_pass
 from ...backends.common import learnable_slopes
 from .bounds import causal_bounds
 from .bwd import attn_bwd
@@ -107,26 +109,40 @@ class TritonAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, tcq, tsq, tck, tsk, slopes, q_pos, k_pos, enc, scale, causal, default_pos,
-                fope_learnable):
+                fope_learnable, return_lse):
         out, lse = triton_forward(q, k, v, tcq, tsq, tck, tsk, q_pos, k_pos, id(enc), scale, causal, default_pos,
                                   fope_learnable)
         ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, tcq, tsq, tck, tsk)
         ctx.slopes_batch = slopes.shape[0] if slopes.numel() else None
         ctx.enc = enc  # alive until the backward
         ctx.args = (scale, causal, default_pos, fope_learnable)
-        return out
+        if not return_lse:
+            return out
+        ctx.set_materialize_grads(False)
+        # the kernels' lse is log2 and +inf for rows that see no key; the public one is natural and -inf there
+        return out, torch.where(torch.isposinf(lse), torch.full_like(lse, float("-inf")), lse * math.log(2.0))
 
     @staticmethod
     @single_backward
-    def backward(ctx, do):
+    def backward(ctx, do, dlse=None):
         q, k, v, out, lse, q_pos, k_pos, tcq, tsq, tck, tsk = ctx.saved_tensors
         slope_grad = ctx.slopes_batch is not None and ctx.needs_input_grad[7]
-        dq, dk, dv, *tabs, dslopes = triton_backward(do, q, k, v, out, lse, tcq, tsq, tck, tsk, q_pos, k_pos,
-                                                     id(ctx.enc), *ctx.args, slope_grad)
+
+        def run(do, v, out):
+            return triton_backward(do, q, k, v, out, lse, tcq, tsq, tck, tsk, q_pos, k_pos, id(ctx.enc), *ctx.args,
+                                   slope_grad)
+
+        parts, dv = [], None
+        if do is not None:
+            parts.append(run(do.contiguous(), v, out))
+            dv = parts[0][2]
+        if dlse is not None:  # the lse's share: ops/native.py lse_grad_pass
+            parts.append(lse_grad_pass(run, q, v, dlse, upstream_dtype=q.dtype))
+        dq, dk, _, *tabs, dslopes = (x[0] if len(x) == 1 else x[0] + x[1] for x in zip(*parts))
         if slope_grad and ctx.slopes_batch == 1:  # (B, H) -> the slopes' (1, H)
             dslopes = dslopes.sum(0, keepdim=True)
         grads = [g if ctx.needs_input_grad[3 + i] and g.numel() else None for i, g in enumerate(tabs)]
-        return (dq, dk, dv, *grads, dslopes if slope_grad else None, None, None, None, None, None, None, None)
+        return (dq, dk, dv, *grads, dslopes if slope_grad else None, None, None, None, None, None, None, None, None)
 
 
 def _reduce_table_grad(g, table):
@@ -168,4 +184,4 @@ def triton_attention(p) -> torch.Tensor:
     if k_pos is q_pos:
         k_pos = k_pos.clone()
     return TritonAttention.apply(p.q, p.k, p.v, *tables, slopes, q_pos, k_pos, enc, scale, p.causal,
-                                 p.default_positions, learnable)
+                                 p.default_positions, learnable, p.return_lse)
