@@ -121,8 +121,8 @@ def _(do, q, k, v, out, lse, q_pos, k_pos, cos_coef, sin_coef, slopes, enc_id, c
 # --- autograd ------------------------------------------------------------------------------------------
 class NativeAttention(torch.autograd.Function):
     """Inputs: q, k, v; FoPE's learnable coefficients expanded to ``(H, Dk, P)`` float32, ALiBi's learnable slopes
-    ``(Bs, H)`` float32 (else empty tensors: the encoding's own values); positions ``(Bp, L)`` int64; the
-    the encoding, causal, the score scale."""
+    ``(Bs, H)`` float32 (else empty tensors: the encoding's own values); positions ``(Bp, L)`` int64;
+    the encoding, causal, the score scale, whether to return the lse too."""
 
     @staticmethod
     def forward(ctx, q, k, v, cos_coef, sin_coef, slopes, q_pos, k_pos, enc, causal, scale, return_lse):
