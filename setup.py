@@ -62,7 +62,7 @@ setup(
     packages=find_packages(include=["fused_posenc", "fused_posenc.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "triton>=3.6", "ninja", "pybind11"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "numpy", "tqdm"], "bench": ["pytest-benchmark", "matplotlib"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-xdist", "numpy", "tqdm"], "bench": ["pytest-benchmark", "matplotlib"],
                     "examples": ["tqdm"], "hf": ["transformers>=5.0,<6"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

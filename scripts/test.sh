@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Install fused_posenc from this checkout (scripts/install.sh) and run the test suite. Extra arguments go to pytest.
+#   PYTEST_WORKERS: pytest-xdist workers (default: one per core, at most 4; 0 runs in this process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-python -m pytest -q -rs tests "$@"   # -rs: every skip with its reason
+workers=${PYTEST_WORKERS:-$(python -c 'import os; print(min(4, len(os.sched_getaffinity(0))))')}
+xdist=()
+[ "$workers" != "0" ] && xdist=(-n "$workers")
+python -m pytest -q -rs "${xdist[@]}" tests "$@"   # -rs: every skip with its reason
