@@ -46,6 +46,13 @@ class Problem:
     k_pos: torch.Tensor  # (Bp, Lk) int64
     default_positions: bool = False  # both position tensors were defaulted (arange, bottom-right aligned)
     return_lse: bool = False  # the backend returns (out, lse): lse (B, H, Lq), natural log, -inf for empty rows
+    # (B,) int32 on q's device, or None: key n of batch row b takes part only if n < k_lengths[b] (key padding:
+    # the varlen and KV-cache entry points set it; values in [0, Lk], checked by whoever sets it)
+    k_lengths: Optional[torch.Tensor] = None
+    # (B,) int32 or None: query rows m >= q_lengths[b] are padding (their output is unspecified but finite); a
+    # backend may skip them (run_by_rows does)
+    q_lengths: Optional[torch.Tensor] = None
+    num_splits: int = 1  # forward key ranges run by separate programs and merged (Triton's flash-decoding)
 
     @property
     def shape(self):

@@ -13,10 +13,12 @@ from .encodings.base import Encoding
 
 
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enc: Encoding, causal: bool,
-                   softmax_scale, q_pos: torch.Tensor, k_pos: torch.Tensor, return_lse: bool = False):
+                   softmax_scale, q_pos: torch.Tensor, k_pos: torch.Tensor, return_lse: bool = False,
+                   k_lengths=None):
     """Reference attention on validated inputs.
 
-    q: (B, Lq, H, D); k: (B, Lk, Hkv, D); v: (B, Lk, Hkv, Dv); q_pos: (Bp, Lq), k_pos: (Bp, Lk) int64.
+    q: (B, Lq, H, D); k: (B, Lk, Hkv, D); v: (B, Lk, Hkv, Dv); q_pos: (Bp, Lq), k_pos: (Bp, Lk) int64;
+    ``k_lengths`` (B,) or None: only keys ``n < k_lengths[b]`` take part (key padding).
     Returns (B, Lq, H, Dv) in q's dtype; with ``return_lse`` also the rows' log-sum-exp (B, H, Lq), float32
     (float64 for float64 inputs), -inf for rows that see no key. Differentiable w.r.t. q, k, v and encoding
     parameters.
@@ -33,13 +35,20 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enc: Encod
     scores = enc.scores(q, k, q_pos, k_pos, softmax_scale, causal=causal)  # (B, H, Lq, Lk)
     sm_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = scores.to(sm_dtype)
-    if causal:
-        visible = k_pos[:, None, :] <= q_pos[:, :, None]  # (Bp, Lq, Lk)
+    masked = causal or k_lengths is not None
+    if masked:
+        lq, lk = q.shape[1], k.shape[1]
+        visible = torch.ones(1, lq, lk, dtype=torch.bool, device=q.device)
+        if causal:
+            visible = visible & (k_pos[:, None, :] <= q_pos[:, :, None])  # (Bp, Lq, Lk)
+        if k_lengths is not None:
+            keep = torch.arange(lk, device=q.device)[None, :] < k_lengths.to(q.device)[:, None]  # (B, Lk)
+            visible = visible & keep[:, None, :]
         scores = scores.masked_fill(~visible[:, None], float("-inf"))
         empty = ~visible.any(-1)  # (Bp, Lq): rows that see no key output zeros
         scores = scores.masked_fill(empty[:, None, :, None], 0.0)
     p = torch.softmax(scores, dim=-1)
-    if causal:
+    if masked:
         p = p.masked_fill(empty[:, None, :, None], 0.0)
     out = torch.einsum("bhmn,bnhd->bmhd", p.to(v.dtype), v)
     if not return_lse:
@@ -48,6 +57,6 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enc: Encod
     shift = enc.lse_shift(q_pos, k_pos, causal, nheads_q, batch)  # what scores() added to each row
     if shift is not None:
         lse = lse - shift.to(lse.dtype)
-    if causal:
+    if masked:
         lse = lse.masked_fill(empty[:, None, :], float("-inf"))
     return out, lse

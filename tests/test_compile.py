@@ -220,7 +220,8 @@ def test_triton_opcheck():
     p = prepare(q, k, v, enc, True, None, None, None)
     none = [torch.empty(0, device=dev) for _ in range(4)]
     scale = float(enc.score_scale(16, None))
-    fwd_args = (q, k, v, *none, p.q_pos.contiguous(), p.k_pos.contiguous().clone(), id(enc), scale, True, True, False)
+    fwd_args = (q, k, v, *none, p.q_pos.contiguous(), p.k_pos.contiguous().clone(),
+                torch.empty(0, device=dev, dtype=torch.int32), id(enc), scale, True, True, False)
     torch.library.opcheck(triton_forward, fwd_args)
     out, lse = triton_forward(*fwd_args)
     bwd_args = (torch.randn_like(out), q, k, v, out, lse, *none, *fwd_args[7:], False)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import learnable_slopes
+from .common import batch_specific_encoding, learnable_slopes, run_by_rows
 
 
 def _extension():
@@ -36,6 +36,12 @@ class NativeBackend:
             return False, f"backend {self.name!r} needs {'CUDA' if want_cuda else 'CPU'} tensors, got {problem.q.device}"
         if want_cuda and learnable_slopes(problem):
             return False, "ALiBi slopes that require grad: the CUDA kernels have no slope gradient (backend='cpu' or 'torch')"
+        if problem.k_lengths is not None:
+            if want_cuda:
+                return False, "key lengths (varlen, KV cache): the CUDA kernels take none (use backend='triton')"
+            if batch_specific_encoding(problem):
+                return False, ("key lengths with per-batch ALiBi slopes: backend='cpu' runs the rows one by one and "
+                               "cannot split the slopes (use backend='torch')")
         if want_cuda and problem.q.dtype == torch.float64:
             return False, "the CUDA kernels take float16, bfloat16 or float32 (use backend='torch' for float64)"
         return True, ""
@@ -43,4 +49,6 @@ class NativeBackend:
     def run(self, p):
         from ..ops.native import native_attention
 
+        if p.k_lengths is not None:  # CPU tensors (supports): the lengths are read without a device sync
+            return run_by_rows(p, lambda row: native_attention(row, self.name))
         return native_attention(p, self.name)

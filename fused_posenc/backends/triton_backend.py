@@ -62,4 +62,4 @@ class TritonBackend:
         from ..ops.triton.autograd import triton_attention
 
         check_positions_fit(p)
-        return triton_attention(p)
+        return triton_attention(p, num_splits=p.num_splits)

@@ -44,11 +44,12 @@ def _plan_of(enc_id: int, q, k, scale: float, fope_learnable: bool) -> Plan:
 
 @torch.library.custom_op("fused_posenc::triton_forward", mutates_args=())
 def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tcq: torch.Tensor, tsq: torch.Tensor,
-                   tck: torch.Tensor, tsk: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, enc_id: int,
-                   scale: float, causal: bool, default_pos: bool,
-                   fope_learnable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   tck: torch.Tensor, tsk: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                   k_lengths: torch.Tensor, enc_id: int, scale: float, causal: bool, default_pos: bool,
+                   fope_learnable: bool, num_splits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``out (B, Lq, H, Dv)`` in q's dtype, ``lse (B, H, Lq)`` float32 (log2 domain). FoPE tables ``(Bt, rows, Ht,
-    P)`` float32 for the query and key rows, or empty tensors."""
+    P)`` float32 for the query and key rows, or empty tensors; ``k_lengths (B,)`` int32 (key padding) or empty;
+    ``num_splits``: key ranges run by separate programs and merged (flash-decoding)."""
     plan = _plan_of(enc_id, q, k, scale, fope_learnable)
     inline = stream_mode(plan) == "inline" or not plan.rotation
     q_tab = None if _opt(tcq) is None else (tcq, tsq)
@@ -57,11 +58,12 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tcq: torch
                                            tables=k_tab)
     bounds = causal_bounds(q_pos, k_pos) if causal and not default_pos else None  # tile skipping
     return attn_fwd(q, k_arg, v, q_pos, k_pos, plan, causal, default_pos, rotate_k=inline, q_tables=q_tab,
-                    bounds=bounds)
+                    bounds=bounds, k_lengths=_opt(k_lengths), num_splits=num_splits)
 
 
 @triton_forward.register_fake
-def _(q, k, v, tcq, tsq, tck, tsk, q_pos, k_pos, enc_id, scale, causal, default_pos, fope_learnable):
+def _(q, k, v, tcq, tsq, tck, tsk, q_pos, k_pos, k_lengths, enc_id, scale, causal, default_pos, fope_learnable,
+      num_splits=1):
     b, lq, h, _ = q.shape
     return q.new_empty(b, lq, h, v.shape[3]), q.new_empty(b, h, lq, dtype=torch.float32)
 
@@ -69,8 +71,8 @@ def _(q, k, v, tcq, tsq, tck, tsk, q_pos, k_pos, enc_id, scale, causal, default_
 @torch.library.custom_op("fused_posenc::triton_backward", mutates_args=())
 def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                     lse: torch.Tensor, tcq: torch.Tensor, tsq: torch.Tensor, tck: torch.Tensor, tsk: torch.Tensor,
-                    q_pos: torch.Tensor, k_pos: torch.Tensor, enc_id: int, scale: float, causal: bool,
-                    default_pos: bool, fope_learnable: bool, slope_grad: bool) -> list[torch.Tensor]:
+                    q_pos: torch.Tensor, k_pos: torch.Tensor, k_lengths: torch.Tensor, enc_id: int, scale: float,
+                    causal: bool, default_pos: bool, fope_learnable: bool, slope_grad: bool) -> list[torch.Tensor]:
     """``[dq, dk, dv, dtcq, dtsq, dtck, dtsk, dslopes]``: the table gradients in the tables' shapes (learnable
     FoPE), ``dslopes (B, H)`` float32 (``slope_grad``), else empty tensors."""
     plan = _plan_of(enc_id, q, k, scale, fope_learnable)
@@ -85,7 +87,8 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     bounds = causal_bounds(q_pos, k_pos) if causal and not default_pos else None
     dq, dk, dv, tabs, dslopes = attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan, causal, default_pos,
                                          rotate_stream=inline, q_rot=q_rot, k_rot=k_rot, q_tables=q_tab,
-                                         k_tables=k_tab, slope_grad=slope_grad, bounds=bounds)
+                                         k_tables=k_tab, slope_grad=slope_grad, bounds=bounds,
+                                         k_lengths=_opt(k_lengths))
     tab_grads = [q.new_empty(0, dtype=torch.float32) for _ in range(4)]
     if tabs is not None:  # per-row, per-query-head table gradients -> the tables' own shapes
         tab_grads = [_reduce_table_grad(g, t) for g, t in zip(tabs, (tcq, tsq, tck, tsk))]
@@ -93,7 +96,7 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 
 
 @triton_backward.register_fake
-def _(do, q, k, v, out, lse, tcq, tsq, tck, tsk, q_pos, k_pos, enc_id, scale, causal, default_pos,
+def _(do, q, k, v, out, lse, tcq, tsq, tck, tsk, q_pos, k_pos, k_lengths, enc_id, scale, causal, default_pos,
       fope_learnable, slope_grad):
     tabs = fope_learnable and tcq.numel() > 0
     tab_grads = [q.new_empty(t.shape if tabs else (0,), dtype=torch.float32) for t in (tcq, tsq, tck, tsk)]
@@ -105,14 +108,15 @@ class TritonAttention(torch.autograd.Function):
     """Inputs: q (B, Lq, H, D), k (B, Lk, Hkv, D), v (B, Lk, Hkv, Dv); FoPE tables ``(Bt, rows, Ht, P)``
     float32 for the query and key rows (empty tensors for other encodings); ALiBi slopes ``(Bs, H)`` when their
     gradient is wanted (the kernels read the plan's detached copy of the same values; else an empty tensor);
-    positions (Bp, L) int64; the encoding, the score scale, causal, default positions, FoPE learnable."""
+    positions (Bp, L) int64; key lengths (B,) int32 or an empty tensor; the encoding, the score scale, causal,
+    default positions, FoPE learnable, return the lse, the key splits of the forward (flash-decoding)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, tcq, tsq, tck, tsk, slopes, q_pos, k_pos, enc, scale, causal, default_pos,
-                fope_learnable, return_lse):
-        out, lse = triton_forward(q, k, v, tcq, tsq, tck, tsk, q_pos, k_pos, id(enc), scale, causal, default_pos,
-                                  fope_learnable)
-        ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, tcq, tsq, tck, tsk)
+    def forward(ctx, q, k, v, tcq, tsq, tck, tsk, slopes, q_pos, k_pos, k_lengths, enc, scale, causal, default_pos,
+                fope_learnable, return_lse, num_splits=1):
+        out, lse = triton_forward(q, k, v, tcq, tsq, tck, tsk, q_pos, k_pos, k_lengths, id(enc), scale, causal,
+                                  default_pos, fope_learnable, num_splits)
+        ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, k_lengths, tcq, tsq, tck, tsk)
         ctx.slopes_batch = slopes.shape[0] if slopes.numel() else None
         ctx.enc = enc  # alive until the backward
         ctx.args = (scale, causal, default_pos, fope_learnable)
@@ -125,12 +129,12 @@ class TritonAttention(torch.autograd.Function):
     @staticmethod
     @single_backward
     def backward(ctx, do, dlse=None):
-        q, k, v, out, lse, q_pos, k_pos, tcq, tsq, tck, tsk = ctx.saved_tensors
+        q, k, v, out, lse, q_pos, k_pos, k_lengths, tcq, tsq, tck, tsk = ctx.saved_tensors
         slope_grad = ctx.slopes_batch is not None and ctx.needs_input_grad[7]
 
         def run(do, v, out):
-            return triton_backward(do, q, k, v, out, lse, tcq, tsq, tck, tsk, q_pos, k_pos, id(ctx.enc), *ctx.args,
-                                   slope_grad)
+            return triton_backward(do, q, k, v, out, lse, tcq, tsq, tck, tsk, q_pos, k_pos, k_lengths, id(ctx.enc),
+                                   *ctx.args, slope_grad)
 
         parts, dv = [], None
         if do is not None:
@@ -142,7 +146,7 @@ class TritonAttention(torch.autograd.Function):
         if slope_grad and ctx.slopes_batch == 1:  # (B, H) -> the slopes' (1, H)
             dslopes = dslopes.sum(0, keepdim=True)
         grads = [g if ctx.needs_input_grad[3 + i] and g.numel() else None for i, g in enumerate(tabs)]
-        return (dq, dk, dv, *grads, dslopes if slope_grad else None, None, None, None, None, None, None, None, None)
+        return (dq, dk, dv, *grads, dslopes if slope_grad else None, *([None] * 10))
 
 
 def _reduce_table_grad(g, table):
@@ -169,8 +173,9 @@ def _cached_plan(enc, d, h, hkv, b, device, scale) -> Plan:
         enc.kernel_params(d, h, hkv, b, device), d, h, hkv, scale, device, fope_heads=getattr(enc, "num_heads", 1)))
 
 
-def triton_attention(p) -> torch.Tensor:
-    """Run a validated :class:`~fused_posenc.attention.Problem` through the Triton kernels."""
+def triton_attention(p, num_splits: int = 1) -> torch.Tensor:
+    """Run a validated :class:`~fused_posenc.attention.Problem` through the Triton kernels (``num_splits``: key
+    ranges of the forward, flash-decoding; the inference-only KV-cache call sets it)."""
     enc = p.encoding
     b, lq, lk, h, hkv, d, dv = p.shape
     scale = enc.score_scale(d, p.softmax_scale)
@@ -183,5 +188,6 @@ def triton_attention(p) -> torch.Tensor:
     q_pos, k_pos = p.q_pos.contiguous(), p.k_pos.contiguous()
     if k_pos is q_pos:
         k_pos = k_pos.clone()
-    return TritonAttention.apply(p.q, p.k, p.v, *tables, slopes, q_pos, k_pos, enc, scale, p.causal,
-                                 p.default_positions, learnable, p.return_lse)
+    k_lengths = torch.empty(0, device=p.q.device, dtype=torch.int32) if p.k_lengths is None else p.k_lengths
+    return TritonAttention.apply(p.q, p.k, p.v, *tables, slopes, q_pos, k_pos, k_lengths, enc, scale, p.causal,
+                                 p.default_positions, learnable, p.return_lse, num_splits)

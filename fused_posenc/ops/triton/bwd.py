@@ -32,14 +32,15 @@ def attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, st
     tl.store(DELTA + pid_bh.to(tl.int64) * LQ + o_m, tl.sum(b_o * b_do, 1), mask=m_m)
 
 
-_KEY = ["BLOCK_P1", "BLOCK_P2", "BLOCK_DV", "ENC", "CAUSAL", "ROTATE_STREAM", "DEFAULT_POS", "GATHER", "DTYPE_KEY"]
+_KEY = ["BLOCK_P1", "BLOCK_P2", "BLOCK_DV", "ENC", "CAUSAL", "ROTATE_STREAM", "DEFAULT_POS", "GATHER", "HAS_KLEN",
+        "DTYPE_KEY"]
 
 
 @triton.autotune(configs=configs("bwd", ("BLOCK_N", "BLOCK_M")), prune_configs_by=pruner("bwd", ("BLOCK_N", "BLOCK_M")),
                  key=_KEY)
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DCK, DSK, QPOS, KPOS, IDX1, IDX2,
+    Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DCK, DSK, QPOS, KPOS, IDX1, IDX2, KLEN,
     FREQ, FSCALE, TC, TS, SLOPES,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
@@ -50,21 +51,26 @@ def attn_bwd_dkdv_kernel(
     stride_qpos_b, stride_kpos_b, stride_slope_b, stride_tab_b, stride_tab_t,
     LQ, LK, H, HKV, Q_GROUP, TAB_GROUP, P1, P2, DV, q_pos_offset,
     scale, phase, alpha, BOUNDS, stride_bounds_b, N_BOUNDS,
-    ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr,
+    ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr, HAS_KLEN: tl.constexpr,
     ROTATE_STREAM: tl.constexpr, FOPE_GRAD: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
     """One block of keys of one kv head; loops over the query heads of its group and all query blocks.
 
-    Q is the raw q (``ROTATE_STREAM``) or q pre-rotated per query head; K, V, DK, DV are per kv head.
+    Q is the raw q (``ROTATE_STREAM``) or q pre-rotated per query head; K, V, DK, DV are per kv head. Keys past
+    ``KLEN[b]`` (``HAS_KLEN``: key padding) take no part and get zero gradients.
     """
     pid_n, pid_bh = program_ids(LK, BLOCK_N)
     i_b = pid_bh // HKV
     i_hk = pid_bh % HKV
     i_b64 = i_b.to(tl.int64)
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < LK
+    m_store = o_n < LK
+    n_end = LK
+    if HAS_KLEN:
+        n_end = tl.load(KLEN + i_b)
+    m_n = o_n < n_end
     o_p1, m_p1, o_p2, m_p2, o_d1, o_d2, o_dv, m_dv = head_layout(IDX1, IDX2, P1, P2, DV, GATHER, BLOCK_P1, BLOCK_P2,
                                                                  BLOCK_DV)
     ROTATION: tl.constexpr = (ENC == ENC_ROTARY) or (ENC == ENC_FOPE)
@@ -88,6 +94,8 @@ def attn_bwd_dkdv_kernel(
         lo = tl.maximum(pid_n * BLOCK_N - q_pos_offset, 0) // BLOCK_M * BLOCK_M
     if CAUSAL and not DEFAULT_POS:
         lo = causal_query_start(BOUNDS + i_b64 * stride_bounds_b, pid_n, N_BOUNDS, LQ, BLOCK_N, BLOCK_M)
+    if HAS_KLEN:
+        lo = tl.where(pid_n * BLOCK_N < n_end, lo, LQ)  # a block of padding keys: nothing to loop over
     for g in range(0, Q_GROUP):
         i_h = i_hk * Q_GROUP + g
         b_kr1 = b_k1
@@ -145,17 +153,17 @@ def attn_bwd_dkdv_kernel(
             b_dk2 += b_dkr2
 
     p_dk = DK + i_b64 * stride_dkb + i_hk.to(tl.int64) * stride_dkh
-    store_part(p_dk, b_dk1.to(DK.dtype.element_ty), o_n, m_n, o_d1, m_p1, stride_dkt, stride_dkd)
-    store_part(p_dk, b_dk2.to(DK.dtype.element_ty), o_n, m_n, o_d2, m_p2, stride_dkt, stride_dkd)
+    store_part(p_dk, b_dk1.to(DK.dtype.element_ty), o_n, m_store, o_d1, m_p1, stride_dkt, stride_dkd)
+    store_part(p_dk, b_dk2.to(DK.dtype.element_ty), o_n, m_store, o_d2, m_p2, stride_dkt, stride_dkd)
     tl.store(DV_OUT + i_b64 * stride_dvb + i_hk.to(tl.int64) * stride_dvh + o_n[:, None].to(tl.int64) * stride_dvt
-             + o_dv[None, :] * stride_dvd, b_dv.to(DV_OUT.dtype.element_ty), mask=m_n[:, None] & m_dv[None, :])
+             + o_dv[None, :] * stride_dvd, b_dv.to(DV_OUT.dtype.element_ty), mask=m_store[:, None] & m_dv[None, :])
 
 
 @triton.autotune(configs=configs("bwd", ("BLOCK_M", "BLOCK_N")), prune_configs_by=pruner("bwd", ("BLOCK_M", "BLOCK_N")),
                  key=_KEY)
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DCQ, DSQ, DSLOPE, QPOS, KPOS, IDX1, IDX2,
+    Q, K, V, DO, LSE, DELTA, DQ, DCQ, DSQ, DSLOPE, QPOS, KPOS, IDX1, IDX2, KLEN,
     FREQ, FSCALE, TC, TS, SLOPES,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
@@ -165,7 +173,7 @@ def attn_bwd_dq_kernel(
     stride_qpos_b, stride_kpos_b, stride_slope_b, stride_tab_b, stride_tab_t,
     LQ, LK, H, KV_GROUP, K_GROUP, TAB_GROUP, P1, P2, DV, q_pos_offset,
     scale, phase, alpha, BOUNDS, stride_bounds_b, N_BOUNDS,
-    ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr,
+    ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr, HAS_KLEN: tl.constexpr,
     ROTATE_STREAM: tl.constexpr, FOPE_GRAD: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
     BLOCK_DV: tl.constexpr, SLOPE_GRAD: tl.constexpr = False,
@@ -214,9 +222,13 @@ def attn_bwd_dq_kernel(
         hi = tl.minimum(LK, tl.maximum((pid_m + 1) * BLOCK_M + q_pos_offset, 0))
     if CAUSAL and not DEFAULT_POS:
         hi = causal_key_end(BOUNDS + i_b64 * stride_bounds_b, pid_m, N_BOUNDS, BLOCK_M)
+    n_end = LK
+    if HAS_KLEN:
+        n_end = tl.load(KLEN + i_b)
+        hi = tl.minimum(hi, n_end)
     for start_n in range(0, hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
-        m_n = o_n < LK
+        m_n = o_n < n_end
         pos_n = positions(KPOS + i_b64 * stride_kpos_b, o_n, m_n, 0, DEFAULT_POS)
         b_k1, b_k2 = load_encoded(p_k, o_n, m_n, o_d1, m_p1, o_d2, m_p2, stride_kt, stride_kd, pos_n, i_h,
                                   FREQ, FSCALE, p_tc, p_ts, stride_tab_t, TAB_GROUP, o_p1, m_p1, P1, ENC, ROTATE_STREAM)
@@ -251,15 +263,15 @@ def attn_bwd_dq_kernel(
 
 def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool,
              rotate_stream: bool, q_rot=None, k_rot=None, q_tables=None, k_tables=None, slope_grad: bool = False,
-             bounds=None):
+             bounds=None, k_lengths=None):
     """Launch the backward kernels.
 
     ``q_rot`` (B, Lq, H, D) and ``k_rot`` (B, Lk, Hk', D) are the pre-rotated streaming operands
     (used when ``rotate_stream`` is False). Returns ``dq, dk, dv`` and, for learnable FoPE, the table
     gradients ``(dC, dS)`` of shape (B, rows, H, P) for the queries and the keys (else ``None``), and
     ALiBi's ``dL/dslopes`` ``(B, H)`` float32 when ``slope_grad`` (else ``None``).
-    ``q_tables``/``k_tables``: FoPE ``(cos, sin)`` tables of the query and key rows; ``bounds``: as for
-    ``attn_fwd``.
+    ``q_tables``/``k_tables``: FoPE ``(cos, sin)`` tables of the query and key rows; ``bounds``, ``k_lengths``: as
+    for ``attn_fwd``.
     """
     b, lq, h, d = q.shape
     lk, hkv, dv = v.shape[1], v.shape[2], v.shape[3]
@@ -279,7 +291,8 @@ def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, defa
     k_stream = k if (rotate_stream or not plan.rotation) else k_rot
     pos_strides = (q_pos.stride(0) if q_pos.shape[0] > 1 else 0, k_pos.stride(0) if k_pos.shape[0] > 1 else 0,
                    plan.slope_stride_b)
-    common = dict(ENC=plan.enc, CAUSAL=causal, DEFAULT_POS=default_pos, GATHER=plan.gather,
+    klen = plan.idx1 if k_lengths is None else k_lengths
+    common = dict(ENC=plan.enc, CAUSAL=causal, DEFAULT_POS=default_pos, GATHER=plan.gather, HAS_KLEN=k_lengths is not None,
                   ROTATE_STREAM=rotate_stream, FOPE_GRAD=fope_grad, PREC=dot_precision(q.dtype),
                   DTYPE_KEY=str(q.dtype), FAST=not interpreter(), BLOCK_P1=plan.block_p1, BLOCK_P2=plan.block_p2, BLOCK_DV=block_dv,
 )
@@ -288,14 +301,14 @@ def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, defa
     qt_b, qt_t, qt_group = table_strides(plan, q_tables, h)
 
     attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)](
-        q_stream, k, v, do, lse, delta, dk, dv_, tabs[2], tabs[3], q_pos, k_pos, plan.idx1, plan.idx2,
+        q_stream, k, v, do, lse, delta, dk, dv_, tabs[2], tabs[3], q_pos, k_pos, plan.idx1, plan.idx2, klen,
         *enc_args(plan, k_tables), *q_stream.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         *dv_.stride(), *pos_strides, kt_b, kt_t, lq, lk, h, hkv, h // hkv, kt_group, *scalars,
         *bounds_args(plan.idx1 if bounds is None else bounds[1], bounds is not None), **common)
     slope_grad = slope_grad and plan.enc == 3
     dslope = torch.empty(b, h, lq, device=q.device, dtype=torch.float32) if slope_grad else delta
     attn_bwd_dq_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)](
-        q, k_stream, v, do, lse, delta, dq, tabs[0], tabs[1], dslope, q_pos, k_pos, plan.idx1, plan.idx2,
+        q, k_stream, v, do, lse, delta, dq, tabs[0], tabs[1], dslope, q_pos, k_pos, plan.idx1, plan.idx2, klen,
         *enc_args(plan, q_tables), *q.stride(), *k_stream.stride(), *v.stride(), *do.stride(), *dq.stride(),
         *pos_strides, qt_b, qt_t, lq, lk, h, h // hkv, h // k_stream.shape[2], qt_group, *scalars,
         *bounds_args(plan.idx1 if bounds is None else bounds[0], bounds is not None), **common, SLOPE_GRAD=slope_grad)

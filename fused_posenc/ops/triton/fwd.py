@@ -14,25 +14,29 @@ from .tuning import configs, pruner
 
 
 @triton.autotune(configs=configs("fwd", ("BLOCK_M", "BLOCK_N")), prune_configs_by=pruner("fwd", ("BLOCK_M", "BLOCK_N")),
-                 key=["BLOCK_P1", "BLOCK_P2", "BLOCK_DV", "ENC", "CAUSAL", "ROTATE_K",
-                                             "DEFAULT_POS", "GATHER", "DTYPE_KEY"])
+                 key=["BLOCK_P1", "BLOCK_P2", "BLOCK_DV", "ENC", "CAUSAL", "ROTATE_K", "DEFAULT_POS", "GATHER",
+                      "HAS_KLEN", "DTYPE_KEY"])
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, QPOS, KPOS, IDX1, IDX2,
+    Q, K, V, O, LSE, QPOS, KPOS, IDX1, IDX2, KLEN,
     FREQ, FSCALE, TC, TS, SLOPES,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
-    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_ob, stride_ot, stride_oh, stride_od, stride_os, stride_lse_s,
     stride_qpos_b, stride_kpos_b, stride_slope_b, stride_tab_b, stride_tab_t,
     LQ, LK, H, KV_GROUP, K_GROUP, TAB_GROUP, P1, P2, DV, q_pos_offset,
-    scale, phase, alpha, BOUNDS, stride_bounds_b, N_BOUNDS,
+    scale, phase, alpha, BOUNDS, stride_bounds_b, N_BOUNDS, N_SPLITS, SPLIT_LEN,
     ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr,
-    ROTATE_K: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
+    HAS_KLEN: tl.constexpr, ROTATE_K: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    pid_m, pid_bh = program_ids(LQ, BLOCK_M)
+    pid_m, pid_bhs = program_ids(LQ, BLOCK_M)
+    # flash-decoding: split i_s of N_SPLITS takes the keys [i_s * SPLIT_LEN, (i_s + 1) * SPLIT_LEN) (one split:
+    # all keys), writing its own normalised partial output and log-sum-exp for attn_fwd to merge
+    i_s = pid_bhs % N_SPLITS
+    pid_bh = pid_bhs // N_SPLITS
     i_b = pid_bh // H
     i_h = pid_bh % H
     i_b64 = i_b.to(tl.int64)
@@ -65,9 +69,14 @@ def attn_fwd_kernel(
         hi = tl.minimum(LK, tl.maximum((pid_m + 1) * BLOCK_M + q_pos_offset, 0))
     if CAUSAL and not DEFAULT_POS:
         hi = causal_key_end(BOUNDS + i_b64 * stride_bounds_b, pid_m, N_BOUNDS, BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
+    lo = i_s * SPLIT_LEN
+    n_end = tl.minimum(LK, lo + SPLIT_LEN)  # keys of this split (key padding: and of this batch row)
+    if HAS_KLEN:
+        n_end = tl.minimum(n_end, tl.load(KLEN + i_b))
+    hi = tl.minimum(hi, n_end)
+    for start_n in range(lo, hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
-        m_n = o_n < LK
+        m_n = o_n < n_end
         pos_n = positions(KPOS + i_b64 * stride_kpos_b, o_n, m_n, 0, DEFAULT_POS)
         # rotating keys inline is only offered for RoPE/HoPE (FoPE keys are always pre-rotated)
         b_k1, b_k2 = load_encoded(p_k, o_n, m_n, o_d1, m_p1, o_d2, m_p2, stride_kt, stride_kd, pos_n, i_h,
@@ -89,10 +98,10 @@ def attn_fwd_kernel(
     b_o = b_acc / tl.where(m_row, b_l, 1.0)[:, None]
     # log2-domain log-sum-exp; +inf for rows that see no key, so the backward's p = 2^(s - lse) is 0
     b_lse = tl.where(m_row, b_m + tl.log2(tl.where(m_row, b_l, 1.0)), float("inf"))
-    p_o = O + i_b64 * stride_ob + i_h.to(tl.int64) * stride_oh
+    p_o = O + i_s.to(tl.int64) * stride_os + i_b64 * stride_ob + i_h.to(tl.int64) * stride_oh
     tl.store(p_o + o_m[:, None].to(tl.int64) * stride_ot + o_dv[None, :] * stride_od, b_o.to(O.dtype.element_ty),
              mask=m_m[:, None] & m_dv[None, :])
-    tl.store(LSE + pid_bh.to(tl.int64) * LQ + o_m, b_lse, mask=m_m)
+    tl.store(LSE + i_s.to(tl.int64) * stride_lse_s + pid_bh.to(tl.int64) * LQ + o_m, b_lse, mask=m_m)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -123,36 +132,64 @@ def bounds_args(t: torch.Tensor, used: bool):
 
 
 def attn_fwd(q, k, v, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool, rotate_k: bool, q_tables=None,
-             bounds=None):
+             bounds=None, k_lengths=None, num_splits: int = 1):
     """Launch the forward kernel.
 
     q: (B, Lq, H, D); k: (B, Lk, Hk, D) (raw, or pre-rotated when ``rotate_k`` is False);
     v: (B, Lk, Hkv, Dv); q_pos/k_pos: (Bp, L) int64; ``bounds``: ``bounds.causal_bounds`` of the positions
-    (causal with caller-given positions; else ``None``). Returns ``out (B, Lq, H, Dv)``, ``lse (B, H, Lq)``
-    (float32, log2 domain).
+    (causal with caller-given positions; else ``None``); ``k_lengths`` (B,) int32: only keys ``n < k_lengths[b]``
+    take part (or ``None``). ``num_splits > 1`` (flash-decoding): the keys are cut into that many ranges, one
+    program per (query block, head, range), and the partial results are merged here through their log-sum-exps.
+    Returns ``out (B, Lq, H, Dv)``, ``lse (B, H, Lq)`` (float32, log2 domain, +inf for rows that see no key).
     """
     b, lq, h, _ = q.shape
     lk, hkv, dv = v.shape[1], v.shape[2], v.shape[3]
-    out = torch.empty(b, lq, h, dv, device=q.device, dtype=q.dtype)
-    lse = torch.empty(b, h, lq, device=q.device, dtype=torch.float32)
+    num_splits = max(1, min(int(num_splits), lk))
+    split_len = triton.cdiv(lk, num_splits)
+    num_splits = triton.cdiv(lk, split_len)  # no empty trailing range
+    if num_splits == 1:
+        out = torch.empty(b, lq, h, dv, device=q.device, dtype=q.dtype)
+        lse = torch.empty(b, h, lq, device=q.device, dtype=torch.float32)
+    else:  # float32 partials, merged below
+        out = torch.empty(num_splits, b, lq, h, dv, device=q.device, dtype=torch.float32)
+        lse = torch.empty(num_splits, b, h, lq, device=q.device, dtype=torch.float32)
+    o_strides = out.stride()[-4:]
+    split_strides = (out.stride(0), lse.stride(0)) if num_splits > 1 else (0, 0)
 
     def grid(meta):
-        return (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)
+        return (triton.cdiv(lq, meta["BLOCK_M"]) * b * h * num_splits,)
 
     tab_b, tab_t, tab_group = table_strides(plan, q_tables, h)
     kend = plan.idx1 if bounds is None else bounds[0]
     attn_fwd_kernel[grid](
-        q, k, v, out, lse, q_pos, k_pos, plan.idx1, plan.idx2, *enc_args(plan, q_tables),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q, k, v, out, lse, q_pos, k_pos, plan.idx1, plan.idx2, plan.idx1 if k_lengths is None else k_lengths,
+        *enc_args(plan, q_tables), *q.stride(), *k.stride(), *v.stride(), *o_strides, *split_strides,
         q_pos.stride(0) if q_pos.shape[0] > 1 else 0, k_pos.stride(0) if k_pos.shape[0] > 1 else 0,
         plan.slope_stride_b, tab_b, tab_t,
         lq, lk, h, h // hkv, h // k.shape[2], tab_group, plan.p1, plan.p2, dv, lk - lq,
-        plan.scale, plan.phase, plan.alpha, *bounds_args(kend, bounds is not None),
-        ENC=plan.enc, CAUSAL=causal, DEFAULT_POS=default_pos, GATHER=plan.gather, ROTATE_K=rotate_k,
+        plan.scale, plan.phase, plan.alpha, *bounds_args(kend, bounds is not None), num_splits, split_len,
+        ENC=plan.enc, CAUSAL=causal, DEFAULT_POS=default_pos, GATHER=plan.gather, HAS_KLEN=k_lengths is not None,
+        ROTATE_K=rotate_k,
         PREC=dot_precision(q.dtype), DTYPE_KEY=str(q.dtype), FAST=not interpreter(),
         BLOCK_P1=plan.block_p1, BLOCK_P2=plan.block_p2, BLOCK_DV=triton.next_power_of_2(max(dv, 16)),
     )
-    return out, lse
+    if num_splits == 1:
+        return out, lse
+    return merge_splits(out, lse, q.dtype)
+
+
+def merge_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype):
+    """``(S, B, Lq, H, Dv)`` float32 partials and their ``(S, B, H, Lq)`` log2 lses (+inf: the range had no
+    visible key) to ``out (B, Lq, H, Dv)`` in ``dtype`` and ``lse (B, H, Lq)`` (log2, +inf for empty rows)."""
+    lse = torch.where(torch.isposinf(lse), torch.full_like(lse, float("-inf")), lse)
+    top = lse.amax(0)  # (B, H, Lq)
+    top_use = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+    w = torch.exp2(lse - top_use)  # (S, B, H, Lq); 0 for empty ranges
+    total = w.sum(0)
+    merged = (w.transpose(2, 3)[..., None] * out).sum(0) / torch.where(total > 0, total, 1.0).transpose(1, 2)[..., None]
+    lse_m = torch.where(total > 0, top_use + torch.log2(torch.where(total > 0, total, 1.0)),
+                        torch.full_like(total, float("inf")))
+    return merged.to(dtype), lse_m.contiguous()
 
 
 LN2 = math.log(2.0)
