@@ -60,11 +60,11 @@ class Problem:
         return b, lq, self.k.shape[1], h, self.k.shape[2], d, self.v.shape[3]
 
 
-def _check_tensor(name: str, t) -> None:
+def _check_tensor(name: str, t, dims: str = "batch, seqlen, heads, headdim") -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must have 4 dims (batch, seqlen, heads, headdim), got shape {tuple(t.shape)}")
+    if t.dim() != dims.count(",") + 1:
+        raise ValueError(f"{name} must have {dims.count(',') + 1} dims ({dims}), got shape {tuple(t.shape)}")
     if t.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
     if t.dtype not in SUPPORTED_DTYPES:

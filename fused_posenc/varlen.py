@@ -15,19 +15,8 @@ from typing import Optional, Union
 
 import torch
 
-from .attention import SUPPORTED_DTYPES, _as_bool, _type_name, prepare
+from .attention import _as_bool, _check_tensor, _type_name, prepare
 from .encodings import Encoding
-
-
-def _check_packed(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 3:
-        raise ValueError(f"{name} must have 3 dims (total_tokens, heads, headdim), got shape {tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -133,7 +122,7 @@ def fused_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     from .backends import select_backend
 
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_packed(name, t)
+        _check_tensor(name, t, "total_tokens, heads, headdim")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
     if v.shape[0] != k.shape[0]:

@@ -4,6 +4,8 @@
 # each written as it is made); this suite is for later calls.
 #
 #   bash scripts/gpu_suite.sh [tests] [native] [probe] [bench] [demo]     (default: all of them)
+#   bash scripts/gpu_suite.sh sequences      decode and varlen vs rotate+SDPA (benchmarks/bench_sequences.py)
+#                                            -> $OUT/sequences_cuda.csv, $OUT/sequences_cuda.md
 #
 # Env: SKIP_EXT=1 (no C++/CUDA build), TEST_TIMEOUT (s, per pytest step), BENCH_BUDGET (s),
 #      BENCH_ARGS (extra benchmarks/run.py args), PROBE_SEQLENS (e.g. 4096,1024: the first is the probe's main
@@ -88,6 +90,10 @@ for s in $steps; do
       [ -f "$OUT/bench.csv.skips.txt" ] && mv "$OUT/bench.csv.skips.txt" "$LOGS/"
       python3 benchmarks/summary.py "$OUT/bench.csv" --out "$OUT/bench.md" > /dev/null 2>&1
       tail -30 "$OUT/bench.md" 2> /dev/null ;;
+    sequences)
+      timeout "$(left "${SEQUENCES_TIMEOUT:-240}")" python3 benchmarks/bench_sequences.py --device cuda --repeats 50 \
+        --out "$OUT/sequences_cuda" > "$LOGS/sequences.log" 2>&1
+      r=$?; rc=$((rc | r)); summary "sequences rc=$r"; tail -30 "$OUT/sequences_cuda.md" 2> /dev/null ;;
     demo)
       timeout "$(left 180)" python3 -m fused_posenc > "$LOGS/demo.log" 2>&1
       r=$?; rc=$((rc | r)); summary "demo rc=$r $(tail -1 "$LOGS/demo.log")" ;;
