@@ -7,14 +7,14 @@ triton = pytest.importorskip("triton")
 
 from fused_posenc.ops.triton import tuning  # noqa: E402
 
-NAMES = {"fwd": ("BLOCK_M", "BLOCK_N"), "bwd": ("BLOCK_N", "BLOCK_M")}
+NAMES = {"fwd": ("BLOCK_M", "BLOCK_N"), "dq": ("BLOCK_M", "BLOCK_N"), "dkdv": ("BLOCK_N", "BLOCK_M")}
 
 
 def _key(cfg, names):
     return cfg.kwargs[names[0]], cfg.kwargs[names[1]], cfg.num_warps, cfg.num_stages
 
 
-@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+@pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv"])
 @pytest.mark.parametrize("dtype", ["torch.float16", "torch.bfloat16", "torch.float32"])
 @pytest.mark.parametrize("p1,p2,dv,klass", [(32, 0, 64, 64), (64, 0, 64, 64), (40, 40, 80, 128), (64, 64, 128, 128),
                                             (128, 128, 256, 256), (128, 0, 96, 128), (32, 32, 200, 256)])
@@ -23,7 +23,7 @@ def test_pruner_keeps_the_class_space_in_order(monkeypatch, kind, dtype, p1, p2,
     monkeypatch.delenv("FUSED_POSENC_AUTOTUNE", raising=False)
     names = NAMES[kind]
     offered = tuning.configs(kind, names)
-    table = tuning._FP32 if dtype == "torch.float32" else tuning._FWD if kind == "fwd" else tuning._BWD
+    table = tuning._FP32 if dtype == "torch.float32" else tuning._TABLES[kind]
     meta = {"BLOCK_P1": p1, "BLOCK_P2": p2, "BLOCK_DV": dv, "DTYPE_KEY": dtype}
     kept = tuning.pruner(kind, names)["early_config_prune"](offered, meta)
     assert [_key(c, names) for c in kept] == table[klass]
@@ -36,3 +36,24 @@ def test_interpreter_runs_one_small_config(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     (cfg,) = tuning.configs("fwd", NAMES["fwd"])
     assert cfg.kwargs == {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
+@pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv"])
+def test_half_precision_configs_give_every_warp_16_rows(kind):
+    """No half-precision config lets two warpgroups duplicate a chained dot: the score tile's rows (queries:
+    config[0] for fwd/dq, config[1] for dk/dv) and dk/dv's accumulated rows (keys, config[0]) are >= 16 per
+    warp. fp32 (FMA dots) is exempt."""
+    rows = {"fwd": (0,), "dq": (0,), "dkdv": (0, 1)}[kind]
+    for klass, cfgs in tuning._TABLES[kind].items():
+        for c in cfgs:
+            assert all(c[i] >= 16 * c[2] for i in rows), f"{kind} d{klass}: {c} gives a warp < 16 rows"
+
+
+def test_pruner_drops_a_config_with_too_few_rows(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    names = NAMES["dq"]
+    monkeypatch.setitem(tuning._DQ, 128, [(64, 64, 8, 2), (64, 64, 4, 2)])
+    offered = [tuning._tag(c, names) for c in ((64, 64, 8, 2), (64, 64, 4, 2))]
+    meta = {"BLOCK_P1": 64, "BLOCK_P2": 64, "BLOCK_DV": 128, "DTYPE_KEY": "torch.bfloat16"}
+    kept = tuning.pruner("dq", names)["early_config_prune"](offered, meta)
+    assert [_key(c, names) for c in kept] == [(64, 64, 4, 2)]

@@ -36,7 +36,7 @@ _KEY = ["BLOCK_P1", "BLOCK_P2", "BLOCK_DV", "ENC", "CAUSAL", "ROTATE_STREAM", "D
         "DTYPE_KEY"]
 
 
-@triton.autotune(configs=configs("bwd", ("BLOCK_N", "BLOCK_M")), prune_configs_by=pruner("bwd", ("BLOCK_N", "BLOCK_M")),
+@triton.autotune(configs=configs("dkdv", ("BLOCK_N", "BLOCK_M")), prune_configs_by=pruner("dkdv", ("BLOCK_N", "BLOCK_M")),
                  key=_KEY)
 @triton.jit
 def attn_bwd_dkdv_kernel(
@@ -159,7 +159,7 @@ def attn_bwd_dkdv_kernel(
              + o_dv[None, :] * stride_dvd, b_dv.to(DV_OUT.dtype.element_ty), mask=m_store[:, None] & m_dv[None, :])
 
 
-@triton.autotune(configs=configs("bwd", ("BLOCK_M", "BLOCK_N")), prune_configs_by=pruner("bwd", ("BLOCK_M", "BLOCK_N")),
+@triton.autotune(configs=configs("dq", ("BLOCK_M", "BLOCK_N")), prune_configs_by=pruner("dq", ("BLOCK_M", "BLOCK_N")),
                  key=_KEY)
 @triton.jit
 def attn_bwd_dq_kernel(

@@ -15,16 +15,28 @@ from .plan import interpreter
 _FWD = {
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
     128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
-    256: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+    256: [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],  # (64, 64, 8 warps) first gave each warp 8 rows
 }
-# backward, head dims 128/256: 8 warps first. Static evidence only (no GPU timing yet): ptxas reports
-# 1-10 KB of register spills per thread for 4 warps on these tiles and ~0 for the 8-warp configs
-# (scripts/triton_aot.py --ptxas, benchmarks/results/triton_aot_sm90.csv)
-_BWD = {
+# backward, one table per kernel: (stationary, streaming, warps, stages); dq keeps queries stationary (score rows =
+# its stationary block), dk/dv keeps keys stationary (score rows = its streaming block, dK/dV rows = its stationary
+# one). Every half-precision config gives each warp >= 16 rows of every chained dot (ROWS_PER_WARP below, the
+# Triton tutorial's rule): the old first config (64, 64, 8 warps) gave 8, so both warpgroups issued the same wgmma
+# and exp2 (benchmarks/results/static_sm90.md: 32 exp2 per thread per tile where 16 are needed). Static evidence
+# only (no GPU timing yet): scripts/triton_aot.py --sass, the before/after table in static_sm90.md.
+_DQ = {
     64: [(64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2)],
-    128: [(64, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)],
-    256: [(32, 32, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (64, 32, 4, 2)],
+    128: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+    256: [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 16, 4, 2)],
 }
+_DKDV = {
+    64: [(64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 2)],
+    128: [(64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 2)],
+    256: [(64, 64, 4, 2), (64, 64, 4, 1), (128, 64, 4, 1)],
+}
+# the kernels' score-tile rows (queries) and, for dk/dv, the accumulated rows (keys): index into a config tuple
+_ROWS = {"fwd": (0,), "dq": (0,), "dkdv": (0, 1)}
+ROWS_PER_WARP = 16
+_TABLES = {"fwd": _FWD, "dq": _DQ, "dkdv": _DKDV}
 # fp32 tiles are twice the bytes and fp32 dots run on FMAs, not tensor cores: smaller blocks, 8 warps first (the
 # 4-warp configs spill 1-45 KB/thread under ptxas -v; head dim 256 with 64 x 32 overflows an H100's 227 KiB of
 # shared memory in the backward with inline rotation), per scripts/triton_aot.py
@@ -41,17 +53,23 @@ def _tag(cfg, names):
 
 
 def configs(kind: str, names):
-    """All configs an autotuner may see (the pruner picks the ones for the call's head dim and dtype)."""
+    """All configs an autotuner of ``kind`` (``"fwd"``, ``"dq"``, ``"dkdv"``) may see (the pruner picks the ones for
+    the call's head dim and dtype)."""
     if interpreter():
         return [triton.Config({names[0]: 16, names[1]: 16}, num_warps=4, num_stages=1)]
-    table = _FWD if kind == "fwd" else _BWD
     seen, out = set(), []
-    for cfgs in list(table.values()) + list(_FP32.values()):
+    for cfgs in list(_TABLES[kind].values()) + list(_FP32.values()):
         for c in cfgs:
             if c not in seen:
                 seen.add(c)
                 out.append(_tag(c, names))
     return out
+
+
+def enough_rows(kind: str, cfg) -> bool:
+    """Whether every warp of a half-precision config gets >= ROWS_PER_WARP rows of each chained dot (fewer: the
+    warpgroups duplicate each other's wgmma and exp2). fp32 dots run on the FMA units and are exempt."""
+    return all(cfg[i] >= ROWS_PER_WARP * cfg[2] for i in _ROWS[kind])
 
 
 def pruner(kind: str, names):
@@ -62,9 +80,12 @@ def pruner(kind: str, names):
         width = meta["BLOCK_P1"] + meta["BLOCK_P2"]
         width = max(width, meta.get("BLOCK_DV", width))
         klass = 64 if width <= 64 else 128 if width <= 128 else 256
-        wanted = (_FP32 if meta["DTYPE_KEY"] == "torch.float32" else _FWD if kind == "fwd" else _BWD)[klass]
+        fp32 = meta["DTYPE_KEY"] == "torch.float32"
+        wanted = (_FP32 if fp32 else _TABLES[kind])[klass]
         keep = []
         for c in wanted:
+            if not fp32 and not enough_rows(kind, c):
+                continue
             for cfg in configs_:
                 if (cfg.kwargs[names[0]], cfg.kwargs[names[1]], cfg.num_warps, cfg.num_stages) == c:
                     keep.append(cfg)
