@@ -184,10 +184,52 @@ def _default_fope(head_dim: int, nheads: int, device: torch.device) -> FoPE:
     return _FOPE_CACHE[key]
 
 
+LAYOUTS = ("bshd", "bhsd")
+
+
+def _consistent(q, k, v) -> bool:
+    """Whether q, k, v read as ``(batch, seqlen, heads, headdim)`` fit together (batch, headdim, GQA, v's shape)."""
+    return (q.shape[0] == k.shape[0] == v.shape[0] and k.shape[3] == q.shape[3] and v.shape[1:3] == k.shape[1:3]
+            and k.shape[2] > 0 and q.shape[2] % k.shape[2] == 0)
+
+
+def _prepare_public(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions, layout, dropout_p):
+    """:func:`prepare` for the public entry points: ``dropout_p`` refused, ``layout="bhsd"`` read through transposed
+    views (no copy), and a shape error in the default layout that the other layout explains says so."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a number, got {_type_name(dropout_p)}")
+    if dropout_p != 0:
+        raise NotImplementedError(f"dropout_p={dropout_p}: attention dropout is not supported (only dropout_p=0); "
+                                  "apply dropout outside the attention")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS} ('bshd': (batch, seqlen, heads, headdim), 'bhsd': "
+                         f"(batch, heads, seqlen, headdim), as SDPA takes), got {layout!r}")
+    four = all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v))
+    if layout == "bhsd" and four:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    try:
+        return prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions)
+    except ValueError as e:
+        if layout == "bshd" and four and not _consistent(q, k, v) and _consistent(*(t.transpose(1, 2) for t in (q, k, v))):
+            raise ValueError(f"{e} (read as (batch, heads, seqlen, headdim) these shapes fit: pass layout='bhsd' if "
+                             "that is how they are laid out)") from None
+        raise
+
+
+def _layout_out(res, layout: str, return_lse: bool):
+    """The output in the caller's layout (a view); the lse is ``(batch, heads, seqlen_q)`` in both."""
+    if layout == "bshd":
+        return res
+    if return_lse:
+        return res[0].transpose(1, 2), res[1]
+    return res.transpose(1, 2)
+
+
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encoding: Union[str, Encoding] = "rope",
                         *, causal: bool = False, softmax_scale: Optional[float] = None,
                         q_positions: Optional[torch.Tensor] = None,
-                        k_positions: Optional[torch.Tensor] = None, return_lse: bool = False):
+                        k_positions: Optional[torch.Tensor] = None, return_lse: bool = False,
+                        layout: str = "bshd", dropout_p: float = 0.0):
     """Plain-PyTorch attention with a positional encoding, materialising the scores (the oracle).
 
     Same arguments and conventions as :func:`fused_attention` (minus ``backend``). Runs in the
@@ -196,15 +238,17 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encod
     """
     from .reference import attention_math
 
-    p = prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions)
-    return attention_math(p.q, p.k, p.v, p.encoding, p.causal, p.softmax_scale, p.q_pos, p.k_pos,
-                          return_lse=_as_bool("return_lse", return_lse))
+    p = _prepare_public(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions, layout, dropout_p)
+    return_lse = _as_bool("return_lse", return_lse)
+    res = attention_math(p.q, p.k, p.v, p.encoding, p.causal, p.softmax_scale, p.q_pos, p.k_pos,
+                         return_lse=return_lse)
+    return _layout_out(res, layout, return_lse)
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encoding: Union[str, Encoding] = "rope",
                     *, causal: bool = False, softmax_scale: Optional[float] = None,
                     q_positions: Optional[torch.Tensor] = None, k_positions: Optional[torch.Tensor] = None,
-                    backend: str = "auto", return_lse: bool = False):
+                    backend: str = "auto", return_lse: bool = False, layout: str = "bshd", dropout_p: float = 0.0):
     """Exact attention with the positional encoding computed inside the kernel.
 
     Args:
@@ -221,6 +265,11 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encoding:
             variable ``FUSED_POSENC_BACKEND`` overrides it), ``"triton"``, ``"cuda"``, ``"cpu"`` or
             ``"torch"`` (the reference).
         return_lse: also return the log-sum-exp of each query row's scores (the softmax's normaliser).
+        layout: ``"bshd"`` (the shapes above) or ``"bhsd"``: q, k, v (and the output) are ``(batch, heads,
+            seqlen, headdim)`` as SDPA takes them, read through transposed views (no copy on the backends that
+            take strides). In ``"bshd"``, a shape error that the other layout explains says so; shapes that fit
+            both readings (self-attention with equal heads, or GQA with seqlen_q == seqlen_k) cannot be told apart.
+        dropout_p: only 0 (no attention dropout); anything else raises ``NotImplementedError``.
 
     Returns:
         ``out (batch, seqlen_q, nheads, headdim_v)`` in q's dtype; with ``return_lse``, ``(out, lse)``, ``lse
@@ -231,10 +280,11 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encoding:
     """
     from .backends import select_backend
 
-    p = prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions)
-    if _as_bool("return_lse", return_lse):
+    p = _prepare_public(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions, layout, dropout_p)
+    return_lse = _as_bool("return_lse", return_lse)
+    if return_lse:
         p = dataclasses.replace(p, return_lse=True)
-    return select_backend(backend, p).run(p)
+    return _layout_out(select_backend(backend, p).run(p), layout, return_lse)
 
 
 def merge_attention_partials(outs, lses):
