@@ -70,3 +70,18 @@ def check_against_reference(fn, q, k, v, encoding, causal, factor=2.0, params_fn
     for name, g, glp, g64 in zip(["dq", "dk", "dv"] + [f"dparam{i}" for i in range(len(params))], grads, grads_lp, grads64):
         assert g is not None and g64 is not None, f"{name}: missing gradient"
         assert_fa_close(name, g, g64, glp, factor, floor)
+
+
+def encoding_factories(fope_seed: int = 2, head_dim: int = 16, nheads: int = 4) -> dict:
+    """``name -> () -> a fresh encoding`` for the six encodings, small-test sizes (FoPE: ``head_dim``, ``nheads``
+    coefficient heads, train_len 64; HoPE: train_len 64)."""
+    from fused_posenc import ALiBi, FoPE, HoPE, RoPE, TAPA
+
+    return {
+        "none": lambda: "none",
+        "rope": lambda: RoPE(),
+        "hope": lambda: HoPE(train_len=64),
+        "fope": lambda: FoPE(head_dim=head_dim, num_heads=nheads, train_len=64, seed=fope_seed),
+        "alibi": lambda: ALiBi(),
+        "tapa": lambda: TAPA(),
+    }

@@ -6,20 +6,13 @@ import pytest
 import torch
 
 import skips
-from fused_posenc import ALiBi, FoPE, HoPE, RoPE, TAPA, fused_attention_with_kvcache, reference_attention
+from fused_posenc import fused_attention_with_kvcache, reference_attention
 from fused_posenc.backends import get_backend
 
-from helpers import assert_fa_close
+from helpers import assert_fa_close, encoding_factories
 from triton_cases import DEVICE as TRITON_DEVICE  # CUDA on a GPU machine, else the interpreter's CPU
 
-ENCODINGS = {
-    "none": lambda: "none",
-    "rope": lambda: RoPE(),
-    "hope": lambda: HoPE(train_len=64),
-    "fope": lambda: FoPE(head_dim=16, num_heads=4, train_len=64, seed=4),
-    "alibi": lambda: ALiBi(),
-    "tapa": lambda: TAPA(),
-}
+ENCODINGS = encoding_factories(fope_seed=4)
 B, H, HKV, D, CACHE = 2, 4, 2, 16, 24
 
 

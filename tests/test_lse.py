@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import skips
-from fused_posenc import ALiBi, FoPE, HoPE, RoPE, TAPA, fused_attention, merge_attention_partials, reference_attention
+from fused_posenc import ALiBi, FoPE, fused_attention, merge_attention_partials, reference_attention
 from fused_posenc.backends import get_backend
 from fused_posenc.encodings.alibi import nearest_key_distance
 
-from helpers import make_qkv
+from helpers import encoding_factories, make_qkv
 
 
 def _backends():
@@ -24,14 +24,7 @@ def _backends():
     return out
 
 
-ENCODINGS = {
-    "none": lambda: "none",
-    "rope": lambda: RoPE(),
-    "hope": lambda: HoPE(train_len=64),
-    "fope": lambda: FoPE(head_dim=16, num_heads=4, train_len=64, seed=2),
-    "alibi": lambda: ALiBi(),
-    "tapa": lambda: TAPA(),
-}
+ENCODINGS = encoding_factories(fope_seed=2)
 
 
 def _true_scores(q, k, enc_name, q_pos, k_pos):
