@@ -517,7 +517,6 @@ def bad_binding_cases(rng: random.Random, cats):
         if "encoding" in cats:  # the encodings' other tensors, for the rotation and TAPA kinds
             pr, kpr, scr, nat = _binding_args(q, k, v, "rope", causal)
             base_r = fwd_with(pr, kpr, scr, nat)
-            P = d // 2
             bad = {"idx1 index = headdim": {"idx1": torch.full_like(kpr.idx1, d)},
                    "idx2 index -1": {"idx2": torch.full_like(kpr.idx2, -1)}}
             bad.update(_resized_fields(kpr, ("idx1", "idx2", "pair_freqs", "pair_turns", "pair_turns64", "pair_scale")))

@@ -46,7 +46,7 @@ def causal_bounds(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tenso
     bb = max(q_pos.shape[0], k_pos.shape[0])
     qp = q_pos.expand(bb, -1).contiguous()
     kp = k_pos.expand(bb, -1).contiguous()
-    lq, lk = qp.shape[1], kp.shape[1]
+    lk = kp.shape[1]
     qmax = _chunked(qp, _I64_MIN, "max")  # (Bb, nq)
     kmin = _chunked(kp, _I64_MAX, "min")  # (Bb, nk)
     kend = torch.searchsorted(kp, qmax, right=True)
