@@ -13,6 +13,7 @@ from fused_posenc.backends import get_backend
 from fused_posenc.encodings.alibi import nearest_key_distance
 
 from helpers import encoding_factories, make_qkv
+from triton_cases import DEVICE as TRITON_DEVICE  # CUDA on a GPU machine, else the interpreter's CPU
 
 
 def _backends():
@@ -25,6 +26,14 @@ def _backends():
 
 
 ENCODINGS = encoding_factories(fope_seed=2)
+
+
+def _dev(backend: str) -> str:
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+def _on(enc, dev):
+    return enc.to(dev) if isinstance(enc, torch.nn.Module) else enc
 
 
 def _true_scores(q, k, enc_name, q_pos, k_pos):
@@ -58,8 +67,10 @@ def test_lse_is_the_logsumexp_of_the_scores(backend, name, causal):
     # row before every key (causal: it sees none)
     kp = torch.arange(13) * 2 + 1000
     qp = torch.cat([torch.tensor([5]), torch.arange(10) + 5000])
-    out, lse = fused_attention(q, k, v, ENCODINGS[name](), causal=causal, q_positions=qp, k_positions=kp,
-                               backend=backend, return_lse=True)
+    dev = _dev(backend)
+    out, lse = fused_attention(q.to(dev), k.to(dev), v.to(dev), _on(ENCODINGS[name](), dev), causal=causal,
+                               q_positions=qp.to(dev), k_positions=kp.to(dev), backend=backend, return_lse=True)
+    out, lse = out.cpu(), lse.cpu()
     assert lse.shape == (2, 4, 11) and lse.dtype == torch.float32
     s = _true_scores(q, k, name, qp[None], kp[None])
     if causal:
@@ -76,9 +87,10 @@ def test_lse_is_the_logsumexp_of_the_scores(backend, name, causal):
 @pytest.mark.parametrize("name", list(ENCODINGS))
 @pytest.mark.parametrize("backend", _backends())
 def test_merging_two_key_halves_equals_the_whole(backend, name):
-    q, k, v = make_qkv(1, 9, 20, 4, 2, 16, torch.float32, seed=4, requires_grad=False)
-    qp, kp = torch.arange(9) + 30, torch.arange(20) + 17
-    enc = ENCODINGS[name]()
+    dev = _dev(backend)
+    q, k, v = make_qkv(1, 9, 20, 4, 2, 16, torch.float32, device=dev, seed=4, requires_grad=False)
+    qp, kp = torch.arange(9, device=dev) + 30, torch.arange(20, device=dev) + 17
+    enc = _on(ENCODINGS[name](), dev)
     kw = dict(causal=True, q_positions=qp, backend=backend, return_lse=True)
     whole, lse = fused_attention(q, k, v, enc, k_positions=kp, **kw)
     parts = [fused_attention(q, k[:, sl], v[:, sl], enc, k_positions=kp[sl], **kw)
@@ -104,11 +116,11 @@ def test_merge_rows_that_see_nothing():
 LSE_GRAD_CASES = ["rope", "fope-learnable", "alibi-learnable", "tapa"]
 
 
-def _lse_grad_encoding(name):
+def _lse_grad_encoding(name, dev):
     if name == "fope-learnable":
-        return FoPE(head_dim=16, num_heads=2, train_len=64, learnable=True, seed=3)
+        return FoPE(head_dim=16, num_heads=2, train_len=64, learnable=True, seed=3).to(dev)
     if name == "alibi-learnable":
-        return ALiBi(slopes=torch.tensor([0.5, 0.125], requires_grad=True))
+        return ALiBi(slopes=torch.tensor([0.5, 0.125], device=dev, requires_grad=True))
     return ENCODINGS[name]()
 
 
@@ -117,13 +129,14 @@ def _lse_grad_encoding(name):
 def test_gradients_through_the_lse(backend, name):
     # a loss of out and lse (as ring attention's merge makes): every gradient equals the float64 reference's
     # autograd; keys far from the queries (the cpu lse is relative inside)
-    q, k, v = make_qkv(1, 7, 9, 2, 1, 16, torch.float32, seed=5)
-    enc = _lse_grad_encoding(name)
+    dev = _dev(backend)
+    q, k, v = make_qkv(1, 7, 9, 2, 1, 16, torch.float32, device=dev, seed=5)
+    enc = _lse_grad_encoding(name, dev)
     params = [enc.cos_coef, enc.sin_coef] if name == "fope-learnable" else [enc._slopes] if name == "alibi-learnable" \
         else []
-    qp, kp = torch.arange(7) + 300, torch.arange(9) * 2 + 100
+    qp, kp = torch.arange(7, device=dev) + 300, torch.arange(9, device=dev) * 2 + 100
     g = torch.Generator().manual_seed(9)
-    w_out, w_lse = torch.randn(1, 7, 2, 16, generator=g), torch.randn(1, 2, 7, generator=g)
+    w_out, w_lse = torch.randn(1, 7, 2, 16, generator=g).to(dev), torch.randn(1, 2, 7, generator=g).to(dev)
 
     def loss(fn, q, k, v):
         out, lse = fn(q, k, v, enc, causal=True, q_positions=qp, k_positions=kp, return_lse=True)
@@ -139,7 +152,7 @@ def test_gradients_through_the_lse(backend, name):
 
 @pytest.mark.parametrize("backend", _backends())
 def test_lse_only_loss(backend):
-    q, k, v = make_qkv(1, 5, 7, 2, 1, 16, torch.float32, seed=6)
+    q, k, v = make_qkv(1, 5, 7, 2, 1, 16, torch.float32, device=_dev(backend), seed=6)
     _, lse = fused_attention(q, k, v, "rope", causal=True, backend=backend, return_lse=True)
     dq, dk = torch.autograd.grad(lse.sum(), [q, k])
     q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
