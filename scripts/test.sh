@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 workers=${PYTEST_WORKERS:-$(python -c 'import os; print(min(4, len(os.sched_getaffinity(0))))')}
 xdist=()
-[ "$workers" != "0" ] && xdist=(-n "$workers")
-python -m pytest -q -rs "${xdist[@]}" tests "$@"   # -rs: every skip with its reason
+[ "$workers" != "0" ] && xdist=(-n "$workers" --dist worksteal)  # worksteal: an idle worker takes queued tests
+# -rs: every skip with its reason; --durations: the slowest tests, for keeping CI under 30 minutes
+python -m pytest -q -rs --durations=25 "${xdist[@]}" tests "$@"
