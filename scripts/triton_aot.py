@@ -70,7 +70,8 @@ def _alibi_learnable(d, h):
 
 
 # name -> (encoding factory (head dim, heads), call options, constexprs the recorded calls must carry).
-# Call options: explicit positions, causal, FUSED_POSENC_ROTATE_STREAM. GATHER = interleaved pairs,
+# Call options: explicit positions, causal, FUSED_POSENC_ROTATE_STREAM, klen (per-row key lengths), splits (the
+# forward's key ranges). GATHER = interleaved pairs,
 # FOPE_GRAD = learnable FoPE, SLOPE_GRAD = learnable ALiBi slopes, ROTATE_K = streaming operand rotated inline.
 VARIANTS = {
     "none": (lambda d, h: NoPE(), {}, {"ENC": 0}),
@@ -86,6 +87,9 @@ VARIANTS = {
     "alibi-learnable": (_alibi_learnable, {}, {"ENC": 3, "SLOPE_GRAD": True}),
     "tapa": (lambda d, h: TAPA(), {}, {"ENC": 4}),
     "tapa-explicit": (lambda d, h: TAPA(), EXPLICIT, {"ENC": 4, "DEFAULT_POS": False}),
+    # per-row key lengths (the varlen and KV-cache calls), and the forward's key splits (flash-decoding)
+    "rope-keylen": (lambda d, h: RoPE(), {**EXPLICIT, "klen": True}, {"ENC": 1, "HAS_KLEN": True}),
+    "rope-splits": (lambda d, h: RoPE(), {**EXPLICIT, "klen": True, "splits": 8}, {"ENC": 1, "HAS_KLEN": True}),
 }
 
 
@@ -155,7 +159,9 @@ def record_call(variant: str, dtype: str, d: int, batch: int, seqlen: int, model
             setattr(autograd, name, op._init_fn)
         with recording(calls):
             prob = Problem(q, k, v, enc, opts.get("causal", True), None, pos, pos, not opts.get("explicit", False))
-            out = autograd.triton_attention(prob)
+            if opts.get("klen"):
+                prob.k_lengths = torch.full((batch,), seqlen, dtype=torch.int32, device="meta")
+            out = autograd.triton_attention(prob, num_splits=opts.get("splits", 1))
             wrt = [q, k, v] + [t for t in (getattr(enc, "_slopes", None), getattr(enc, "cos_coef", None))
                                if isinstance(t, torch.Tensor) and t.requires_grad]
             torch.autograd.grad(out, wrt, torch.empty_like(out), allow_unused=True)
