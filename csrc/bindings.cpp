@@ -1,6 +1,8 @@
 // The one binding file of fused_posenc._C: parameter packing, input checks, dispatch to CPU / CUDA.
 #include <torch/extension.h>
 
+#include <cstdio>
+
 #include "native.h"
 
 namespace fused_posenc {
@@ -9,6 +11,12 @@ namespace {
 
 void val(bool ok, const std::string& msg) {
   if (!ok) throw pybind11::value_error("fused_posenc._C: " + msg);
+}
+
+std::string num_str(double x) {
+  char b[32];
+  std::snprintf(b, sizeof(b), "%.9g", x);
+  return b;
 }
 
 std::string shape_str(const at::Tensor& t) {
@@ -143,14 +151,40 @@ void check_scale(double scale) {
       "scale must be a positive number that float32 represents");
 }
 
+// causal, the window (each bound >= 0, or -1: unbounded), the soft cap (0: none) and the scale, checked
+ScoreOpts score_opts(bool causal, int64_t window_left, int64_t window_right, double softcap, double scale) {
+  check_scale(scale);
+  val(window_left >= -1, "window_left must be >= 0, or -1 for unbounded, got " + std::to_string(window_left));
+  val(window_right >= -1, "window_right must be >= 0, or -1 for unbounded, got " + std::to_string(window_right));
+  val(softcap == 0 || (std::isfinite(softcap) && softcap > 0 && static_cast<float>(softcap) > 0.f &&
+                       std::isfinite(static_cast<float>(softcap))),
+      "softcap must be 0 (no capping) or a positive number that float32 represents, got " + num_str(softcap));
+  ScoreOpts o;
+  o.causal = causal;
+  o.window_left = window_left;
+  o.window_right = window_right;
+  o.softcap = softcap;
+  o.scale = scale;
+  return o;
+}
+
+// The CUDA kernels know only the causal rule and the scale.
+void check_cuda_opts(const ScoreOpts& o) {
+  val(o.window_left < 0 && o.window_right < 0 && o.softcap == 0,
+      "the CUDA kernels support neither a sliding window (window_left / window_right) nor softcap; use "
+      "backend='triton' or 'torch'");
+}
+
 // The GIL is released around the kernels (and their preparation): calls from several Python threads overlap.
 std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor q_pos, at::Tensor k_pos,
-                                bool causal, double scale, int64_t kind, at::Tensor idx1, at::Tensor idx2,
-                                at::Tensor pair_turns, at::Tensor pair_scale, at::Tensor fope_turns,
-                                at::Tensor cos_coef, at::Tensor sin_coef, at::Tensor fope_pad, at::Tensor slopes,
-                                int64_t tapa_split, double tapa_phase_scale, double tapa_alpha) {
+                                bool causal, int64_t window_left, int64_t window_right, double softcap, double scale,
+                                int64_t kind, at::Tensor idx1, at::Tensor idx2, at::Tensor pair_turns,
+                                at::Tensor pair_scale, at::Tensor fope_turns, at::Tensor cos_coef, at::Tensor sin_coef,
+                                at::Tensor fope_pad, at::Tensor slopes, int64_t tapa_split, double tapa_phase_scale,
+                                double tapa_alpha) {
   check_inputs(q, k, v, q_pos, k_pos);
-  check_scale(scale);
+  const ScoreOpts o = score_opts(causal, window_left, window_right, softcap, scale);
+  if (q.is_cuda()) check_cuda_opts(o);
   auto enc = make_enc(pack(kind, idx1, idx2, pair_turns, pair_scale, fope_turns, cos_coef, sin_coef, fope_pad, slopes,
                            tapa_split, tapa_phase_scale, tapa_alpha),
                       q.device(), q.size(3), q.size(2), q.size(0), q.scalar_type() == at::kDouble && !q.is_cuda());
@@ -164,19 +198,20 @@ std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Te
     throw pybind11::value_error("fused_posenc._C was built without CUDA");
 #endif
   }
-  auto r = cpu_forward(q, k, v, q_pos, k_pos, enc, causal, scale);
+  auto r = cpu_forward(q, k, v, q_pos, k_pos, enc, o);
   return {std::get<0>(r), std::get<1>(r)};
 }
 
 std::vector<at::Tensor> backward(at::Tensor dout, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out,
-                                 at::Tensor lse, at::Tensor q_pos, at::Tensor k_pos, bool causal, double scale,
-                                 int64_t kind, at::Tensor idx1, at::Tensor idx2, at::Tensor pair_turns,
-                                 at::Tensor pair_scale, at::Tensor fope_turns, at::Tensor cos_coef,
-                                 at::Tensor sin_coef, at::Tensor fope_pad, at::Tensor slopes, int64_t tapa_split,
-                                 double tapa_phase_scale, double tapa_alpha, bool want_coef_grad,
-                                 bool want_slope_grad) {
+                                 at::Tensor lse, at::Tensor q_pos, at::Tensor k_pos, bool causal,
+                                 int64_t window_left, int64_t window_right, double softcap, double scale, int64_t kind,
+                                 at::Tensor idx1, at::Tensor idx2, at::Tensor pair_turns, at::Tensor pair_scale,
+                                 at::Tensor fope_turns, at::Tensor cos_coef, at::Tensor sin_coef, at::Tensor fope_pad,
+                                 at::Tensor slopes, int64_t tapa_split, double tapa_phase_scale, double tapa_alpha,
+                                 bool want_coef_grad, bool want_slope_grad) {
   check_inputs(q, k, v, q_pos, k_pos);
-  check_scale(scale);
+  const ScoreOpts o = score_opts(causal, window_left, window_right, softcap, scale);
+  if (q.is_cuda()) check_cuda_opts(o);
   const int64_t B = q.size(0), Lq = q.size(1), H = q.size(2), Dv = v.size(3);
   const std::vector<int64_t> out_shape{B, Lq, H, Dv}, lse_shape{B, H, Lq};
   val(out.sizes() == at::IntArrayRef(out_shape) && out.device() == q.device() && out.is_floating_point(),
@@ -202,7 +237,7 @@ std::vector<at::Tensor> backward(at::Tensor dout, at::Tensor q, at::Tensor k, at
     throw pybind11::value_error("fused_posenc._C was built without CUDA");
 #endif
   } else {
-    r = cpu_backward(dout, q, k, v, out, lse, q_pos, k_pos, enc, causal, scale, want_coef_grad,
+    r = cpu_backward(dout, q, k, v, out, lse, q_pos, k_pos, enc, o, want_coef_grad,
                      want_slope_grad && enc.p.kind == ENC_ALIBI ? &dslopes : nullptr);
   }
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r), dslopes};

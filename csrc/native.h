@@ -31,16 +31,27 @@ EncHolder make_enc(const EncTensors& in, const at::Device& device, int64_t headd
 // width in bytes of the explicit vectors the CPU kernels use (64 AVX-512, 32 AVX2, 16 SSE)
 int cpu_vector_bytes();
 
+// What turns q.k into the softmax's scores, besides the encoding: key n is visible to query m iff (causal) k_pos[n]
+// <= q_pos[m] and (window_left >= 0) q_pos[m] - k_pos[n] <= window_left and (window_right >= 0) k_pos[n] - q_pos[m]
+// <= window_right; softcap > 0: the encoding's score s (scale applied) becomes softcap tanh(s / softcap), before
+// ALiBi's bias. The bindings check the values (window bounds >= -1, softcap finite and >= 0).
+struct ScoreOpts {
+  bool causal = false;
+  int64_t window_left = -1, window_right = -1;
+  double softcap = 0;
+  double scale = 1;
+};
+
 // forward: out (B, Lq, H, Dv) in q's dtype, lse (B, H, Lq) float32 (float64 for float64 inputs)
 std::tuple<at::Tensor, at::Tensor> cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                const at::Tensor& q_pos, const at::Tensor& k_pos, const EncHolder& enc,
-                                               bool causal, double scale);
+                                               const ScoreOpts& o);
 // backward: dq, dk, dv (input dtype), dcos_coef, dsin_coef ((H, Dk, P) float32, empty unless want_coef_grad);
 // dslopes (ALiBi, when not null): set to dL/dslopes (B, H) float32
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& q_pos, const at::Tensor& k_pos, const EncHolder& enc, bool causal,
-    double scale, bool want_coef_grad, at::Tensor* dslopes);
+    const at::Tensor& lse, const at::Tensor& q_pos, const at::Tensor& k_pos, const EncHolder& enc,
+    const ScoreOpts& o, bool want_coef_grad, at::Tensor* dslopes);
 
 #ifdef FUSED_POSENC_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

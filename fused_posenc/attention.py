@@ -53,6 +53,12 @@ class Problem:
     # backend may skip them (run_by_rows does)
     q_lengths: Optional[torch.Tensor] = None
     num_splits: int = 1  # forward key ranges run by separate programs and merged (Triton's flash-decoding)
+    # left padding: k_lengths counts the *last* keys (key n of row b takes part only if n >= Lk - k_lengths[b])
+    k_padding_left: bool = False
+    # (left, right) or None: key n is visible to query m only if q_pos[m] - left <= k_pos[n] <= q_pos[m] + right;
+    # -1 = unbounded on that side, never both (that is None)
+    window: Optional[tuple] = None
+    softcap: Optional[float] = None  # > 0: the encoding's score s -> softcap * tanh(s / softcap) (ALiBi's bias after)
 
     @property
     def shape(self):
@@ -76,12 +82,7 @@ def _positions(name: str, pos, batch: int, seqlen: int, default_start: int, devi
         return torch.arange(default_start, default_start + seqlen, device=device)[None]
     if not isinstance(pos, torch.Tensor):
         raise TypeError(f"{name} must be an integer torch.Tensor or None, got {type(pos).__name__}")
-    if pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (int32/int64), got {pos.dtype}")
-    if pos.dtype == torch.uint64:  # values >= 2^63 would wrap in int64
-        raise TypeError(f"{name} must be a signed integer tensor (int32/int64), got torch.uint64")
-    if pos.device != device:
-        raise ValueError(f"{name} is on {pos.device} but q is on {device}")
+    check_int_tensor(name, pos, device)
     if pos.dim() == 1:
         pos = pos[None]
     if pos.dim() != 2 or pos.shape[1] != seqlen or pos.shape[0] not in (1, batch):
@@ -117,7 +118,8 @@ def _check_float32_scale(softmax_scale, effective: float) -> None:
                          f"number: it must lie in [{_FLOAT32_TINY:g}, {_FLOAT32_MAX:g}]")
 
 
-def prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions) -> Problem:
+def prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions, window_size=(-1, -1), softcap=None,
+            k_lengths=None, padding_side="right") -> Problem:
     """Validate a call and return a :class:`Problem`; raises ``ValueError``/``TypeError`` naming the argument."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
@@ -150,8 +152,65 @@ def prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions) 
     lk = k.shape[1]
     q_pos = _positions("q_positions", q_positions, b, lq, lk - lq, q.device)
     k_pos = _positions("k_positions", k_positions, b, lk, 0, q.device)
+    window = check_window(window_size)
+    softcap = check_softcap(softcap)
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' (k_lengths counts the first keys of each row) or 'left' (the "
+                         f"last keys), got {padding_side!r}")
+    lengths = None if k_lengths is None else check_lengths("k_lengths", k_lengths, b, lk, q.device)
     return Problem(q, k, v, enc, causal, softmax_scale, q_pos, k_pos,
-                   default_positions=q_positions is None and k_positions is None)
+                   default_positions=q_positions is None and k_positions is None, k_lengths=lengths,
+                   k_padding_left=lengths is not None and padding_side == "left", window=window, softcap=softcap)
+
+
+def check_int_tensor(name: str, t, device) -> torch.Tensor:
+    """``t`` must be a signed integer tensor (on ``device`` unless ``None``); ``TypeError``/``ValueError`` naming
+    ``name``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype in (torch.bool, torch.uint64):  # uint64 would wrap in int64
+        raise TypeError(f"{name} must be a signed integer tensor (int32/int64), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    return t
+
+
+def check_lengths(name: str, lengths, batch: int, limit: int, device) -> torch.Tensor:
+    """``(batch,)`` integer lengths in ``[0, limit]`` as int32 (values checked without a host-device sync:
+    ``check_positions_range``)."""
+    check_int_tensor(name, lengths, device)
+    if lengths.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},) (one length per batch row), got {tuple(lengths.shape)}")
+    check_positions_range(name, lengths, 0, limit + 1, why=f"a row has {limit} keys")
+    return lengths.to(torch.int32)
+
+
+def check_window(window_size):
+    """flash-attn's ``window_size=(left, right)`` (-1: unbounded) to ``Problem.window`` (``None``: no window)."""
+    if isinstance(window_size, (str, bytes)) or not hasattr(window_size, "__len__") or len(window_size) != 2:
+        raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
+    out = []
+    for side, w in zip(("left", "right"), window_size):
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
+            raise TypeError(f"window_size's {side} bound must be an int, got {_type_name(w)}")
+        if w < -1:
+            raise ValueError(f"window_size's {side} bound must be >= 0, or -1 for unbounded, got {int(w)}")
+        out.append(int(w))
+    return None if out == [-1, -1] else tuple(out)
+
+
+def check_softcap(softcap):
+    """``softcap``: ``None`` or 0 (flash-attn's "off") for no capping, else a positive finite float32 number."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a positive number or None, got {_type_name(softcap)}")
+    if softcap == 0:
+        return None
+    if not _FLOAT32_TINY <= softcap <= _FLOAT32_MAX:
+        raise ValueError(f"softcap must be a positive finite number that float32 represents (or None / 0 for no "
+                         f"capping), got {softcap}")
+    return float(softcap)
 
 
 def resolve_encoding(encoding, head_dim: int, nheads: int, device=None) -> Encoding:
@@ -193,7 +252,8 @@ def _consistent(q, k, v) -> bool:
             and k.shape[2] > 0 and q.shape[2] % k.shape[2] == 0)
 
 
-def _prepare_public(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions, layout, dropout_p):
+def _prepare_public(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions, layout, dropout_p,
+                    window_size=(-1, -1), softcap=None, k_lengths=None, padding_side="right"):
     """:func:`prepare` for the public entry points: ``dropout_p`` refused, ``layout="bhsd"`` read through transposed
     views (no copy), and a shape error in the default layout that the other layout explains says so."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
@@ -208,7 +268,8 @@ def _prepare_public(q, k, v, encoding, causal, softmax_scale, q_positions, k_pos
     if layout == "bhsd" and four:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     try:
-        return prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions)
+        return prepare(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions, window_size, softcap,
+                       k_lengths, padding_side)
     except ValueError as e:
         if layout == "bshd" and four and not _consistent(q, k, v) and _consistent(*(t.transpose(1, 2) for t in (q, k, v))):
             raise ValueError(f"{e} (read as (batch, heads, seqlen, headdim) these shapes fit: pass layout='bhsd' if "
@@ -225,11 +286,49 @@ def _layout_out(res, layout: str, return_lse: bool):
     return res.transpose(1, 2)
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encoding: Union[str, Encoding] = "rope",
+class _Required:
+    """The default of ``encoding``: it must be given (a default RoPE would rotate already-rotated q and k)."""
+
+    def __repr__(self):
+        return "<required>"
+
+
+REQUIRED = _Required()
+
+
+def _require_encoding(encoding):
+    if encoding is REQUIRED:
+        from .encodings import NAMES
+
+        raise TypeError(f"encoding is required: one of {list(NAMES)} or an Encoding instance (RoPE(...), FoPE(...), "
+                        "...); pass encoding='none' for plain attention on q and k as they are")
+    return encoding
+
+
+_MASK_DOC = """window_size: ``(left, right)``, flash-attn's sliding window defined on positions: key ``n`` is
+            visible to query ``m`` only if ``q_pos[m] - left <= k_pos[n] <= q_pos[m] + right``; -1 leaves that
+            side unbounded (default ``(-1, -1)``: no window). With ``causal`` both rules apply (so ``right`` is
+            moot). Tiles wholly outside the window are skipped.
+        softcap: ``None`` or 0 (flash-attn's "off"): no capping; ``c > 0``: each score ``s`` becomes
+            ``c * tanh(s / c)`` before the softmax. ``s`` is the encoding's score with the softmax scale applied
+            (``scale * q.k`` after rotation; TAPA's whole ``amplitude * cos(phase)``); ALiBi's bias is added after
+            the cap and is not capped (as in flash-attn). Exact gradients.
+        k_lengths: ``(batch,)`` integer tensor on q's device, or ``None``: key padding. Row ``b`` uses only its
+            ``k_lengths[b]`` keys: the first ones (``padding_side="right"``: pads at the end) or the last ones
+            (``"left"``: left-padded prompts, as batched ``generate`` makes them). Values in ``[0, seqlen_k]``,
+            checked on the host for CPU tensors and by a device assert on CUDA. Positions are not shifted: with
+            left padding pass the real tokens' positions (for example Hugging Face's ``position_ids``). A query
+            row that sees no key outputs zeros and gets zero gradients.
+        padding_side: ``"right"`` (default) or ``"left"``: which keys ``k_lengths`` keeps."""
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encoding: Union[str, Encoding] = REQUIRED,
                         *, causal: bool = False, softmax_scale: Optional[float] = None,
                         q_positions: Optional[torch.Tensor] = None,
                         k_positions: Optional[torch.Tensor] = None, return_lse: bool = False,
-                        layout: str = "bshd", dropout_p: float = 0.0):
+                        layout: str = "bshd", dropout_p: float = 0.0, window_size=(-1, -1),
+                        softcap: Optional[float] = None, k_lengths: Optional[torch.Tensor] = None,
+                        padding_side: str = "right"):
     """Plain-PyTorch attention with a positional encoding, materialising the scores (the oracle).
 
     Same arguments and conventions as :func:`fused_attention` (minus ``backend``). Runs in the
@@ -238,25 +337,29 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encod
     """
     from .reference import attention_math
 
-    p = _prepare_public(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions, layout, dropout_p)
+    p = _prepare_public(q, k, v, _require_encoding(encoding), causal, softmax_scale, q_positions, k_positions, layout,
+                        dropout_p, window_size, softcap, k_lengths, padding_side)
     return_lse = _as_bool("return_lse", return_lse)
     res = attention_math(p.q, p.k, p.v, p.encoding, p.causal, p.softmax_scale, p.q_pos, p.k_pos,
-                         return_lse=return_lse)
+                         return_lse=return_lse, k_lengths=p.k_lengths, k_padding_left=p.k_padding_left,
+                         window=p.window, softcap=p.softcap)
     return _layout_out(res, layout, return_lse)
 
 
-def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encoding: Union[str, Encoding] = "rope",
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encoding: Union[str, Encoding] = REQUIRED,
                     *, causal: bool = False, softmax_scale: Optional[float] = None,
                     q_positions: Optional[torch.Tensor] = None, k_positions: Optional[torch.Tensor] = None,
-                    backend: str = "auto", return_lse: bool = False, layout: str = "bshd", dropout_p: float = 0.0):
+                    backend: str = "auto", return_lse: bool = False, layout: str = "bshd", dropout_p: float = 0.0,
+                    window_size=(-1, -1), softcap: Optional[float] = None, k_lengths: Optional[torch.Tensor] = None,
+                    padding_side: str = "right"):
     """Exact attention with the positional encoding computed inside the kernel.
 
     Args:
         q: ``(batch, seqlen_q, nheads, headdim)``.
         k: ``(batch, seqlen_k, nheads_kv, headdim)``, ``nheads % nheads_kv == 0``.
         v: ``(batch, seqlen_k, nheads_kv, headdim_v)``.
-        encoding: ``"none" | "rope" | "hope" | "fope" | "alibi" | "tapa"`` or an instance
-            (:class:`RoPE`, :class:`FoPE`, ...).
+        encoding: required: ``"none" | "rope" | "hope" | "fope" | "alibi" | "tapa"`` or an instance
+            (:class:`RoPE`, :class:`FoPE`, ...). ``"none"`` for q and k that are already encoded.
         causal: key ``n`` visible to query ``m`` iff ``k_pos[n] <= q_pos[m]``.
         softmax_scale: defaults to ``1/sqrt(headdim)`` (TAPA: multiplies its amplitude term).
         q_positions, k_positions: integer ``(seqlen,)`` or ``(batch, seqlen)``; defaults
@@ -270,6 +373,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encoding:
             take strides). In ``"bshd"``, a shape error that the other layout explains says so; shapes that fit
             both readings (self-attention with equal heads, or GQA with seqlen_q == seqlen_k) cannot be told apart.
         dropout_p: only 0 (no attention dropout); anything else raises ``NotImplementedError``.
+        MASK_DOC
 
     Returns:
         ``out (batch, seqlen_q, nheads, headdim_v)`` in q's dtype; with ``return_lse``, ``(out, lse)``, ``lse
@@ -280,11 +384,15 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encoding:
     """
     from .backends import select_backend
 
-    p = _prepare_public(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions, layout, dropout_p)
+    p = _prepare_public(q, k, v, _require_encoding(encoding), causal, softmax_scale, q_positions, k_positions, layout,
+                        dropout_p, window_size, softcap, k_lengths, padding_side)
     return_lse = _as_bool("return_lse", return_lse)
     if return_lse:
         p = dataclasses.replace(p, return_lse=True)
     return _layout_out(select_backend(backend, p).run(p), layout, return_lse)
+
+
+fused_attention.__doc__ = fused_attention.__doc__.replace("MASK_DOC", _MASK_DOC)
 
 
 def merge_attention_partials(outs, lses):

@@ -19,8 +19,9 @@ from typing import Optional, Union
 
 import torch
 
-from .attention import _as_bool, _type_name, prepare
+from .attention import REQUIRED, _as_bool, _require_encoding, _type_name, check_int_tensor, prepare
 from .encodings import Encoding
+from .encodings.angles import assert_values
 
 
 def _cache_lengths(cache_seqlens, batch: int, device) -> torch.Tensor:
@@ -32,12 +33,9 @@ def _cache_lengths(cache_seqlens, batch: int, device) -> torch.Tensor:
         return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"cache_seqlens must be an int or an integer tensor (batch,), got {_type_name(cache_seqlens)}")
-    if cache_seqlens.is_floating_point() or cache_seqlens.is_complex() or cache_seqlens.dtype == torch.bool:
-        raise TypeError(f"cache_seqlens must be an integer tensor, got {cache_seqlens.dtype}")
+    check_int_tensor("cache_seqlens", cache_seqlens, device)
     if cache_seqlens.shape != (batch,):
         raise ValueError(f"cache_seqlens must have shape ({batch},), got {tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != device:
-        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {device}")
     return cache_seqlens.to(torch.int32)
 
 
@@ -63,10 +61,11 @@ def default_num_splits(batch: int, nheads: int, seqlen_q: int, cache_len: int, d
 
 def fused_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens,
                                  k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
-                                 encoding: Union[str, Encoding] = "rope", *, causal: bool = True,
+                                 encoding: Union[str, Encoding] = REQUIRED, *, causal: bool = True,
                                  softmax_scale: Optional[float] = None, q_positions: Optional[torch.Tensor] = None,
                                  k_positions: Optional[torch.Tensor] = None, return_lse: bool = False,
-                                 num_splits: int = 0, backend: str = "auto"):
+                                 num_splits: int = 0, backend: str = "auto", window_size=(-1, -1),
+                                 softcap: Optional[float] = None):
     """Attention of new queries to a KV cache, after writing the new keys and values into it (inference only).
 
     Args:
@@ -78,7 +77,8 @@ def fused_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
             ``v_cache`` at rows ``cache_seqlens[b] .. cache_seqlens[b] + seqlen_new - 1`` before the attention
             (``cache_seqlens`` itself is not changed: the caller advances it). ``cache_seqlens + seqlen_new`` must
             not exceed ``cache_len`` (checked: on the host for CPU tensors, by a device assert on CUDA).
-        encoding, softmax_scale, backend: as :func:`fused_attention`.
+        encoding, softmax_scale, backend, window_size, softcap: as :func:`fused_attention` (a window
+            ``(left, -1)`` keeps the last ``left + 1`` positions, as a sliding-window model decodes).
         causal: key ``n`` visible to query ``m`` iff ``k_pos[n] <= q_pos[m]`` (default True). Without it, every
             key of the row's valid prefix is visible.
         q_positions, k_positions: as :func:`fused_attention`; defaults: the key in cache row ``n`` is at position
@@ -134,7 +134,8 @@ def fused_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     lq = q.shape[1]
     if q_positions is None:
         q_positions = (valid.to(torch.int64) - lq)[:, None] + torch.arange(lq, device=q.device)[None]
-    p = prepare(q, k_cache, v_cache, encoding, causal, softmax_scale, q_positions, k_positions)
+    p = prepare(q, k_cache, v_cache, _require_encoding(encoding), causal, softmax_scale, q_positions, k_positions,
+                window_size, softcap)
     if num_splits == 0:
         num_splits = default_num_splits(b, q.shape[2], lq, cache_len, q.device)
     p = dataclasses.replace(p, k_lengths=valid, default_positions=False, num_splits=num_splits,
@@ -152,12 +153,8 @@ def _check_splits(num_splits) -> int:
 
 def _check_capacity(lens: torch.Tensor, new: int, cache_len: int) -> None:
     what = f"cache_seqlens + seqlen_new ({new}) must lie in [0, cache_len={cache_len}]"
-    if lens.device.type == "cpu":
-        lo, hi = int(lens.min()), int(lens.max())
-        if lo < 0 or hi + new > cache_len:
-            raise ValueError(f"{what}; cache_seqlens ranges over [{lo}, {hi}] (the cache is too small)")
-    else:
-        torch._assert_async(((lens >= 0) & (lens + new <= cache_len)).all(), what)
+    assert_values(((lens >= 0) & (lens + new <= cache_len)).all(), what,
+                  lambda: f"; cache_seqlens ranges over [{int(lens.min())}, {int(lens.max())}] (the cache is too small)")
 
 
 __all__ = ["fused_attention_with_kvcache", "default_num_splits"]

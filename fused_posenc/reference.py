@@ -14,11 +14,13 @@ from .encodings.base import Encoding
 
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enc: Encoding, causal: bool,
                    softmax_scale, q_pos: torch.Tensor, k_pos: torch.Tensor, return_lse: bool = False,
-                   k_lengths=None):
+                   k_lengths=None, k_padding_left: bool = False, window=None, softcap=None):
     """Reference attention on validated inputs.
 
     q: (B, Lq, H, D); k: (B, Lk, Hkv, D); v: (B, Lk, Hkv, Dv); q_pos: (Bp, Lq), k_pos: (Bp, Lk) int64;
-    ``k_lengths`` (B,) or None: only keys ``n < k_lengths[b]`` take part (key padding).
+    ``k_lengths`` (B,) or None: only keys ``n < k_lengths[b]`` take part (key padding; ``k_padding_left``: only keys
+    ``n >= Lk - k_lengths[b]``); ``window`` ``(left, right)`` or None: only keys with ``q_pos - left <= k_pos <= q_pos +
+    right`` (-1: unbounded); ``softcap``: scores capped to ``softcap * tanh(s / softcap)`` before ALiBi's bias.
     Returns (B, Lq, H, Dv) in q's dtype; with ``return_lse`` also the rows' log-sum-exp (B, H, Lq), float32
     (float64 for float64 inputs), -inf for rows that see no key. Differentiable w.r.t. q, k, v and encoding
     parameters.
@@ -32,17 +34,26 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enc: Encod
     if enc.is_rotation:
         q = enc.rotate(q, q_pos, nheads, nheads_kv)
         k = enc.rotate(k, k_pos, nheads, nheads_kv)
-    scores = enc.scores(q, k, q_pos, k_pos, softmax_scale, causal=causal)  # (B, H, Lq, Lk)
+    scores = enc.scores(q, k, q_pos, k_pos, softmax_scale, causal=causal, softcap=softcap)  # (B, H, Lq, Lk)
     sm_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = scores.to(sm_dtype)
-    masked = causal or k_lengths is not None
+    masked = causal or k_lengths is not None or window is not None
     if masked:
         lq, lk = q.shape[1], k.shape[1]
         visible = torch.ones(1, lq, lk, dtype=torch.bool, device=q.device)
+        diff = q_pos[:, :, None] - k_pos[:, None, :]  # (Bp, Lq, Lk) int64, exact for positions in [-2^62, 2^62)
         if causal:
-            visible = visible & (k_pos[:, None, :] <= q_pos[:, :, None])  # (Bp, Lq, Lk)
+            visible = visible & (diff >= 0)
+        if window is not None:
+            left, right = window
+            if left >= 0:
+                visible = visible & (diff <= left)
+            if right >= 0:
+                visible = visible & (-diff <= right)
         if k_lengths is not None:
-            keep = torch.arange(lk, device=q.device)[None, :] < k_lengths.to(q.device)[:, None]  # (B, Lk)
+            n = torch.arange(lk, device=q.device)[None, :]
+            lens = k_lengths.to(q.device)[:, None]
+            keep = n >= lk - lens if k_padding_left else n < lens  # (B, Lk)
             visible = visible & keep[:, None, :]
         scores = scores.masked_fill(~visible[:, None], float("-inf"))
         empty = ~visible.any(-1)  # (Bp, Lq): rows that see no key output zeros

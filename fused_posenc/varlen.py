@@ -15,8 +15,9 @@ from typing import Optional, Union
 
 import torch
 
-from .attention import _as_bool, _check_tensor, _type_name, prepare
+from .attention import REQUIRED, _as_bool, _check_tensor, _require_encoding, _type_name, check_int_tensor, prepare
 from .encodings import Encoding
+from .encodings.angles import assert_values
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -45,13 +46,12 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: int, n
     lens = cu[1:] - cu[:-1]
     what = (f"{name} must start at 0, not decrease, end at the token count ({total}) and have no sequence longer "
             f"than max_seqlen ({max_seqlen})")
-    if cu.device.type == "cpu":
+
+    def got():
         c = cu.tolist()
-        if c[0] != 0 or c[-1] != total or min(lens.tolist()) < 0 or max(lens.tolist()) > max_seqlen:
-            raise ValueError(f"{what}; got {c if len(c) <= 12 else c[:6] + ['...'] + c[-6:]}")
-    else:
-        ok = (cu[0] == 0) & (cu[-1] == total) & (lens >= 0).all() & (lens <= max_seqlen).all()
-        torch._assert_async(ok, what)
+        return f"; got {c if len(c) <= 12 else c[:6] + ['...'] + c[-6:]}"
+
+    assert_values((cu[0] == 0) & (cu[-1] == total) & (lens >= 0).all() & (lens <= max_seqlen).all(), what, got)
 
 
 def _padded_index(cu: torch.Tensor, max_len: int):
@@ -82,12 +82,7 @@ def _token_index(cu: torch.Tensor, total: int):
 
 
 def _positions_packed(name: str, pos, total: int, device) -> torch.Tensor:
-    if not isinstance(pos, torch.Tensor):
-        raise TypeError(f"{name} must be an integer torch.Tensor or None, got {type(pos).__name__}")
-    if pos.is_floating_point() or pos.is_complex() or pos.dtype in (torch.bool, torch.uint64):
-        raise TypeError(f"{name} must be a signed integer tensor (int32/int64), got {pos.dtype}")
-    if pos.device != device:
-        raise ValueError(f"{name} is on {pos.device} but q is on {device}")
+    check_int_tensor(name, pos, device)
     if pos.shape != (total,):
         raise ValueError(f"{name} must have shape ({total},) (one position per packed token), got {tuple(pos.shape)}")
     return pos.to(torch.int64)
@@ -95,10 +90,10 @@ def _positions_packed(name: str, pos, total: int, device) -> torch.Tensor:
 
 def fused_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                           encoding: Union[str, Encoding] = "rope", *, causal: bool = False,
+                           encoding: Union[str, Encoding] = REQUIRED, *, causal: bool = False,
                            softmax_scale: Optional[float] = None, q_positions: Optional[torch.Tensor] = None,
                            k_positions: Optional[torch.Tensor] = None, return_lse: bool = False,
-                           backend: str = "auto"):
+                           backend: str = "auto", window_size=(-1, -1), softcap: Optional[float] = None):
     """Attention over packed sequences of different lengths (flash-attn's ``flash_attn_varlen_func`` layout): no
     query attends to a key of another sequence.
 
@@ -108,7 +103,8 @@ def fused_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         cu_seqlens_q, cu_seqlens_k: ``(num_sequences + 1,)`` int32 on q's device, the cumulative lengths
             (``0, len_0, len_0 + len_1, ..., total``); sequence ``i`` is rows ``cu[i]:cu[i + 1]``. Lengths may be 0.
         max_seqlen_q, max_seqlen_k: Python ints, at least the longest query / key sequence (checked).
-        encoding, causal, softmax_scale, backend: as :func:`fused_attention`.
+        encoding, causal, softmax_scale, backend, window_size, softcap: as :func:`fused_attention` (the window is
+            on positions, so it restarts with them in every sequence).
         q_positions, k_positions: one integer position per packed token, ``(total_q,)`` / ``(total_k,)``.
             Default: positions restart at 0 in every sequence, keys ``0 .. Lk_i - 1`` and queries
             ``Lk_i - Lq_i .. Lk_i - 1`` (bottom-right aligned, as :func:`fused_attention`'s defaults).
@@ -146,7 +142,7 @@ def fused_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         k_pos = torch.arange(max_seqlen_k, device=q.device)[None]
     else:
         k_pos = _positions_packed("k_positions", k_positions, total_k, q.device)[src_k]
-    p = prepare(qp, kp, vp, encoding, causal, softmax_scale, q_pos, k_pos)
+    p = prepare(qp, kp, vp, _require_encoding(encoding), causal, softmax_scale, q_pos, k_pos, window_size, softcap)
     p = dataclasses.replace(p, k_lengths=len_k, q_lengths=len_q, return_lse=return_lse)
     res = select_backend(backend, p).run(p)
     out_p, lse_p = res if return_lse else (res, None)
@@ -165,11 +161,7 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor):
     result has a data-dependent size and ``max_seqlen`` is a Python int, so this reads the device once (a sync):
     call it in the data pipeline, not inside a compiled step.
     """
-    if not isinstance(position_ids, torch.Tensor):
-        raise TypeError(f"position_ids must be an integer torch.Tensor, got {type(position_ids).__name__}")
-    if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
-        raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
-    pos = position_ids
+    pos = check_int_tensor("position_ids", position_ids, getattr(position_ids, "device", None))
     if pos.dim() == 2 and pos.shape[0] == 1:
         pos = pos[0]
     if pos.dim() != 1 or pos.numel() == 0:

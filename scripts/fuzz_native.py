@@ -7,8 +7,9 @@ random options (none; rope with interleaved/partial rotary/linear/ntk/yarn/llama
 learnable and frozen with Hc in {H, Hkv, 1}; alibi with default, per-head, per-batch and learnable slopes;
 tapa with random alpha/split/phase scale), causal or not, a softmax scale, positions (default, explicit
 int32/int64, per batch, shuffled, negative, gapped, large offsets), input layouts (contiguous, transposed,
-sliced views) and a thread count, and checks ``fused_attention(..., backend="cpu")`` forward and every gradient
-(q, k, v, learnable parameters) with the FlashAttention idiom of tests/helpers.py:
+sliced views), a thread count and, for some cases, a sliding window and a soft cap, and checks
+``fused_attention(..., backend="cpu")`` forward and every gradient (q, k, v, learnable parameters) with the
+FlashAttention idiom of tests/helpers.py:
 ``|x - x64| <= 2 |x_ref_dtype - x64| + floor``, where
 
 * the yardstick ``x_ref_dtype`` is the less accurate of the reference's autograd and FlashAttention's backward
@@ -23,8 +24,9 @@ Case ``i`` of seed ``s`` depends only on ``(s, i)``: ``--seed s --only i`` repla
 
 ``--bad-bindings [CATS]`` hands the private ``_C.forward`` / ``_C.backward`` bindings inputs they must refuse
 (wrong-shaped lse / out / dout, ALiBi slopes whose batch is neither 1 nor B, positions of the wrong shape or out
-of range, wrong-sized encoding tensors, ...): each must raise a Python exception; inputs valid in another form
-(dtype, strides) must raise or give the valid call's result. A missing check may read out of bounds, which only a
+of range, wrong-sized encoding tensors, window bounds below -1, bad soft caps, ...): each must raise a Python
+exception; inputs valid in another form (dtype, strides, no-op windows and caps) must raise or give the valid
+call's result. A missing check may read out of bounds, which only a
 sanitized build (scripts/sanitize.sh) reliably reports; a plain build may return garbage ("accepted": a failure
 too) or crash.
 
@@ -60,7 +62,7 @@ ENCODINGS = ["none", "rope", "hope", "fope", "fope-learnable", "alibi", "tapa"]
 EDGE_LENS = [1, 2, 3, 31, 63, 64, 65, 127, 128, 129, 130]
 HEADDIMS_ANY = [1, 2, 3, 5, 7, 8, 15, 16, 17, 31, 32, 33, 40, 47, 48, 63, 64, 65, 80, 96, 127, 128]
 EXTREME = 1_000_000  # first index of the --extreme-positions cases
-BAD_CATEGORIES = ["lse", "slopes", "dout", "out", "dtypes", "strides", "positions", "encoding"]
+BAD_CATEGORIES = ["lse", "slopes", "dout", "out", "dtypes", "strides", "positions", "encoding", "scoreopts"]
 
 
 # ---- case generation ---------------------------------------------------------------------------------------
@@ -178,6 +180,20 @@ def _positions(rng: random.Random, b: int, lq: int, lk: int, extreme: bool, enc:
     return qp, kp, f"extreme({o})"
 
 
+def _score_opts(rng: random.Random) -> dict:
+    """fused_attention's window_size / softcap arguments for a case: none for most cases."""
+    kw = {}
+    if rng.random() < 0.25:
+        def side():
+            return rng.choice([-1, 0, 1, 2, 5, rng.randint(0, 70), 1000])
+
+        w = (side(), side())
+        kw["window_size"] = w if w != (-1, -1) else (rng.randint(0, 10), -1)
+    if rng.random() < 0.2:
+        kw["softcap"] = rng.choice([0.5, 2.0, 30.0, rng.uniform(0.1, 50.0)])
+    return kw
+
+
 def _layout(rng: random.Random, t: torch.Tensor) -> tuple[torch.Tensor, str]:
     """A leaf with t's values in a random memory layout (inputs of any strides are allowed)."""
     kind = rng.choice(["contiguous", "contiguous", "transposed", "sliced"])
@@ -248,12 +264,34 @@ def make_case(seed: int, index: int) -> Case:
     leaves, layouts = zip(*(_layout(rng, r.to(dtype)) for r in raw))
     kw = {"softmax_scale": scale, "q_positions": qp, "k_positions": kp}
     threads = rng.choice([1, 2, 3])
+    opts = _score_opts(rng)  # drawn last: the cases of earlier versions of this script stay as they were otherwise
+    kw.update(opts)
     desc = (f"case {index}: B={b} Lq={lq} Lk={lk} H={h} Hkv={hkv} D={d} Dv={dv} {str(dtype)[6:]} {edesc} "
-            f"causal={causal} scale={scale} pos={pdesc} layout={'/'.join(layouts)} threads={threads}")
+            f"causal={causal} scale={scale} pos={pdesc} layout={'/'.join(layouts)} threads={threads}"
+            + "".join(f" {k}={v:.4g}" if isinstance(v, float) else f" {k}={v}" for k, v in opts.items()))
     return Case(index, desc, *leaves, enc, params, causal, kw, threads)
 
 
 # ---- one comparison -----------------------------------------------------------------------------------------
+def _prepare(c: Case, q, k, v):
+    from fused_posenc.attention import prepare
+
+    return prepare(q, k, v, c.enc, c.causal, c.kw["softmax_scale"], c.kw["q_positions"], c.kw["k_positions"],
+                   c.kw.get("window_size", (-1, -1)), c.kw.get("softcap"))
+
+
+def _visible(p):
+    """``(Bp, Lq, Lk)`` bool: the keys each query sees (the causal rule and the window), or None: all of them."""
+    if not p.causal and p.window is None:
+        return None
+    d = p.q_pos[:, :, None] - p.k_pos[:, None, :]
+    vis = d >= 0 if p.causal else torch.ones_like(d, dtype=torch.bool)
+    if p.window is not None:
+        left, right = p.window
+        vis = vis & ((d <= left) if left >= 0 else True) & ((-d <= right) if right >= 0 else True)
+    return vis
+
+
 def _fwd_bwd(fn, q, k, v, do, params):
     out = fn(q, k, v)
     grads = torch.autograd.grad(out, [q, k, v, *params], do, allow_unused=True)
@@ -266,23 +304,21 @@ def _flash_style_grads(c: Case, do):
     The idiom's "same computation in the input dtype" is this one as much as the reference's softmax autograd; the
     two differ where the exact gradient is 0 by cancellation (a row that sees a single key: dS = 0), which the
     softmax autograd gets bitwise and any dO.O-based backward only to rounding."""
-    from fused_posenc.attention import prepare
-
     q, k, v = (t.detach().clone().requires_grad_() for t in (c.q, c.k, c.v))
-    p = prepare(q, k, v, c.enc, c.causal, c.kw["softmax_scale"], c.kw["q_positions"], c.kw["k_positions"])
+    p = _prepare(c, q, k, v)
     h, hkv = q.shape[2], k.shape[2]
     qe, ke, ve = q, k.repeat_interleave(h // hkv, dim=2), v.repeat_interleave(h // hkv, dim=2)
     if p.encoding.is_rotation:
         qe, ke = p.encoding.rotate(qe, p.q_pos, h, hkv), p.encoding.rotate(ke, p.k_pos, h, hkv)
     sm = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s = p.encoding.scores(qe, ke, p.q_pos, p.k_pos, p.softmax_scale, causal=c.causal).to(sm)  # (B, H, Lq, Lk)
-    if c.causal:
-        visible = p.k_pos[:, None, :] <= p.q_pos[:, :, None]
+    s = p.encoding.scores(qe, ke, p.q_pos, p.k_pos, p.softmax_scale, causal=c.causal, softcap=p.softcap).to(sm)
+    visible = _visible(p)  # (B, H, Lq, Lk) scores; (Bp, Lq, Lk) visibility
+    if visible is not None:
         s = s.masked_fill(~visible[:, None], float("-inf"))
         s = s.masked_fill(~visible.any(-1)[:, None, :, None], 0.0)
     with torch.no_grad():
         P = torch.exp(s - torch.logsumexp(s, -1, keepdim=True))
-        if c.causal:
+        if visible is not None:
             P = P.masked_fill(~visible.any(-1)[:, None, :, None], 0.0)
     out = torch.einsum("bhmn,bnhd->bmhd", P.to(v.dtype), ve)  # (B, Lq, H, Dv): differentiable in v only
     with torch.no_grad():
@@ -299,17 +335,15 @@ def _rounded_output_correction(c: Case, q64, k64, v64, out, out64, do, params):
     """Gradients (w.r.t. q, k, v, params) of ``-sum_m delta_m lse_m``: what the backward's rowsum(dO * O) taken from
     the backend's rounded output ``out`` instead of the exact ``out64`` adds to the float64 gradients. The scores
     are formed as the reference forms them (fused_posenc/reference.py), in float64."""
-    from fused_posenc.attention import prepare
-
-    p = prepare(q64, k64, v64, c.enc, c.causal, c.kw["softmax_scale"], c.kw["q_positions"], c.kw["k_positions"])
+    p = _prepare(c, q64, k64, v64)
     h, hkv = q64.shape[2], k64.shape[2]
     q, k = q64, k64.repeat_interleave(h // hkv, dim=2)
     if p.encoding.is_rotation:
         q = p.encoding.rotate(q, p.q_pos, h, hkv)
         k = p.encoding.rotate(k, p.k_pos, h, hkv)
-    s = p.encoding.scores(q, k, p.q_pos, p.k_pos, p.softmax_scale, causal=c.causal).double()  # (B, H, Lq, Lk)
-    if c.causal:
-        visible = p.k_pos[:, None, :] <= p.q_pos[:, :, None]
+    s = p.encoding.scores(q, k, p.q_pos, p.k_pos, p.softmax_scale, causal=c.causal, softcap=p.softcap).double()
+    visible = _visible(p)  # (B, H, Lq, Lk) scores; (Bp, Lq, Lk) visibility
+    if visible is not None:
         s = s.masked_fill(~visible[:, None], float("-inf"))
         s = s.masked_fill(~visible.any(-1)[:, None, :, None], 0.0)  # empty rows: out is 0 on both sides, delta 0
     lse = torch.logsumexp(s, dim=-1)  # (B, H, Lq)
@@ -388,15 +422,21 @@ def _binding_args(q, k, v, enc, causal, q_pos=None, k_pos=None):
     return p, kp, scale, native
 
 
+def _score_args(p):
+    """causal, window_left, window_right, softcap of a Problem, as the bindings take them (-1: unbounded, 0: none)."""
+    left, right = (-1, -1) if p.window is None else p.window
+    return [p.causal, left, right, 0.0 if p.softcap is None else p.softcap]
+
+
 def _call_fwd(p, kp, scale, native, q=None):
     args = native._param_args(kp, kp.fope_cos_coef, kp.fope_sin_coef, p.q.device)
     return native._launch_fwd(p.q if q is None else q, p.k, p.v, p.q_pos.contiguous(), p.k_pos.contiguous(),
-                              p.causal, scale, args)
+                              *_score_args(p), scale, args)
 
 
 def _call_bwd(p, kp, scale, native, do, out, lse):
     args = native._param_args(kp, kp.fope_cos_coef, kp.fope_sin_coef, p.q.device)
-    known = [do, p.q, p.k, p.v, out, lse, p.q_pos.contiguous(), p.k_pos.contiguous(), p.causal, scale, args]
+    known = [do, p.q, p.k, p.v, out, lse, p.q_pos.contiguous(), p.k_pos.contiguous(), *_score_args(p), scale, args]
     # trailing switches (want_coef, want_slopes, ...: which parameter gradients to form) are all off
     params = list(inspect.signature(native._launch_bwd).parameters)
     extra = params[len(known):]
@@ -496,6 +536,26 @@ def bad_binding_cases(rng: random.Random, cats):
                     qs, ks = torch.arange(lq) + q0, torch.arange(lk) + k0  # no torch overflow: q0 + lq - 1 <= top
                     yield "positions", f"positions {name} [{enc_s} {tag}]", \
                         fwd_with(ps, kps, scs, nat, q_pos=qs[None], k_pos=ks[None]), base_f, "any"
+        if "scoreopts" in cats:  # window bounds and soft caps the bindings must refuse (Problem fields bypass prepare)
+            bad = {"window (-2, 3)": {"window": (-2, 3)}, "window (4, -7)": {"window": (4, -7)},
+                   "window (-2**63, 0)": {"window": (-(1 << 63), 0)}, "softcap -1": {"softcap": -1.0},
+                   "softcap nan": {"softcap": float("nan")}, "softcap inf": {"softcap": float("inf")},
+                   "softcap 1e-50 (0 in float32)": {"softcap": 1e-50},
+                   "softcap 1e39 (inf in float32)": {"softcap": 1e39}}
+            for name, repl in bad.items():
+                yield "scoreopts", f"{name} [{enc} {tag}]", fwd_with(**repl), base_f, "raise"
+                pb = dataclasses.replace(p, **repl)
+                yield "scoreopts", f"{name} backward [{enc} {tag}]", \
+                    (lambda pb=pb: _call_bwd(pb, kp, scale, native, do, out, lse)), base, "raise"
+            # no-ops in another form: a window wider than every distance, a cap far above every score
+            yield "scoreopts", f"window (2**63-1, 2**63-1) [{enc} {tag}]", \
+                fwd_with(window=((1 << 63) - 1, (1 << 63) - 1)), base_f, "same"
+            yield "scoreopts", f"softcap 1e30 [{enc} {tag}]", fwd_with(softcap=1e30), base_f, "same"
+            # windows and caps at the edges of the position range: an answer or an error, never undefined behaviour
+            for w in ((0, 0), (5, -1), (-1, 3), ((1 << 63) - 1, 0)):
+                qs, ks = torch.arange(lq) + (1 << 62) - lq, torch.arange(lk) - (1 << 62)
+                yield "scoreopts", f"window {w} softcap 2 at the range's edges [{enc} {tag}]", \
+                    fwd_with(window=w, softcap=2.0, q_pos=qs[None], k_pos=ks[None]), base_f, "any"
         if "slopes" in cats:
             for sb in [s for s in (2, 3, 4) if s not in (1, b)][:2]:
                 pa, kpa, sca, nat = _binding_args(q, k, v, "alibi", causal)

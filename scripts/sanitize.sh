@@ -39,7 +39,7 @@ DEFAULT_TESTS="test_native_cpu.py test_native_cpu_vector_widths.py test_regressi
 TESTS="${SANITIZE_TESTS:-$DEFAULT_TESTS}"
 # tests that never reach native code: the Triton and CUDA backends, the reference's own double backward
 DESELECT="${SANITIZE_DESELECT:-not triton and not cuda and not finite_differences}"
-BAD_CATEGORIES="lse slopes dout out dtypes strides positions encoding"
+BAD_CATEGORIES="lse slopes dout out dtypes strides positions encoding scoreopts"
 
 die() { echo "sanitize: ERROR: $*" >&2; KEEP=1; exit 2; }
 now() { date +%s.%N; }

@@ -70,8 +70,8 @@ def _alibi_learnable(d, h):
 
 
 # name -> (encoding factory (head dim, heads), call options, constexprs the recorded calls must carry).
-# Call options: explicit positions, causal, FUSED_POSENC_ROTATE_STREAM, klen (per-row key lengths), splits (the
-# forward's key ranges). GATHER = interleaved pairs,
+# Call options: explicit positions, causal, FUSED_POSENC_ROTATE_STREAM, klen (per-row key lengths; left: counted
+# from the end), splits (the forward's key ranges), window (left, right), softcap. GATHER = interleaved pairs,
 # FOPE_GRAD = learnable FoPE, SLOPE_GRAD = learnable ALiBi slopes, ROTATE_K = streaming operand rotated inline.
 VARIANTS = {
     "none": (lambda d, h: NoPE(), {}, {"ENC": 0}),
@@ -90,6 +90,14 @@ VARIANTS = {
     # per-row key lengths (the varlen and KV-cache calls), and the forward's key splits (flash-decoding)
     "rope-keylen": (lambda d, h: RoPE(), {**EXPLICIT, "klen": True}, {"ENC": 1, "HAS_KLEN": True}),
     "rope-splits": (lambda d, h: RoPE(), {**EXPLICIT, "klen": True, "splits": 8}, {"ENC": 1, "HAS_KLEN": True}),
+    # sliding windows (Mistral: default and caller-given positions), soft-capping with a window (Gemma-2), left
+    # key padding (batched generate)
+    "rope-window": (lambda d, h: RoPE(), {"window": (4095, -1)}, {"ENC": 1, "WINDOW": True}),
+    "rope-window-explicit": (lambda d, h: RoPE(), {**EXPLICIT, "window": (4095, -1)},
+                             {"ENC": 1, "WINDOW": True, "DEFAULT_POS": False}),
+    "rope-softcap": (lambda d, h: RoPE(), {**EXPLICIT, "window": (4095, -1), "softcap": 50.0},
+                     {"ENC": 1, "WINDOW": True, "SOFTCAP": True}),
+    "rope-leftpad": (lambda d, h: RoPE(), {**EXPLICIT, "klen": True, "left": True}, {"ENC": 1, "KLEN_LEFT": True}),
 }
 
 
@@ -161,6 +169,8 @@ def record_call(variant: str, dtype: str, d: int, batch: int, seqlen: int, model
             prob = Problem(q, k, v, enc, opts.get("causal", True), None, pos, pos, not opts.get("explicit", False))
             if opts.get("klen"):
                 prob.k_lengths = torch.full((batch,), seqlen, dtype=torch.int32, device="meta")
+                prob.k_padding_left = bool(opts.get("left"))
+            prob.window, prob.softcap = opts.get("window"), opts.get("softcap")
             out = autograd.triton_attention(prob, num_splits=opts.get("splits", 1))
             wrt = [q, k, v] + [t for t in (getattr(enc, "_slopes", None), getattr(enc, "cos_coef", None))
                                if isinstance(t, torch.Tensor) and t.requires_grad]

@@ -146,3 +146,18 @@ def test_package_bench_entry(tmp_path):
     assert rc == 0
     rows = harness.load_rows([str(out)])
     assert {r["provider"] for r in rows} >= {"fope-authors", "reference"}
+
+
+def test_window_bench_runs(tmp_path):
+    """benchmarks/bench_window.py end to end at tiny sizes: its CSV has every provider and mode."""
+    out = str(tmp_path / "w")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_window.py"), "--lengths", "64", "--window", "16",
+                        "--repeats", "1", "--device", "cpu", "--out", out], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = list(csv.DictReader(open(out + ".csv")))
+    assert {(row["provider"], row["mode"]) for row in rows} == {
+        (p, m) for p in ("fused-window", "fused-causal", "rotate+sdpa-mask") for m in ("fwd", "fwd+bwd")}
+    assert "## fwd+bwd" in open(out + ".md").read()

@@ -112,12 +112,14 @@ def test_opcheck(sample):
     from fused_posenc.ops.native import native_backward, native_forward
 
     name, enc, p, coef, slopes, scale = sample
-    fwd_args = (p.q, p.k, p.v, p.q_pos.contiguous(), p.k_pos.contiguous(), *coef, slopes, id(enc), True, scale)
+    opts = (-1, -1, 0.0) if name == "rope" else (5, -1, 4.0)  # window_left, window_right, softcap
+    fwd_args = (p.q, p.k, p.v, p.q_pos.contiguous(), p.k_pos.contiguous(), *coef, slopes, id(enc), True, *opts,
+                scale)
     torch.library.opcheck(native_forward, fwd_args)
     out, lse = native_forward(*fwd_args)
     do = torch.randn_like(out)
     bwd_args = (do, p.q, p.k, p.v, out, lse, p.q_pos.contiguous(), p.k_pos.contiguous(), *coef, slopes, id(enc),
-                True, scale, coef[0].numel() > 0, slopes.numel() > 0)
+                True, *opts, scale, coef[0].numel() > 0, slopes.numel() > 0)
     torch.library.opcheck(native_backward, bwd_args)
 
 

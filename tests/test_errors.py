@@ -109,9 +109,9 @@ def test_mixed_devices(attn):
 def test_float_positions(attn, name):
     q, k, v = qkv()
     L = 3 if name == "q_positions" else 4
-    with pytest.raises(TypeError, match=rf"{name} must be an integer tensor"):
+    with pytest.raises(TypeError, match=rf"{name} must be a signed integer tensor"):
         attn(q, k, v, "rope", **{name: torch.arange(L, dtype=torch.float32)})
-    with pytest.raises(TypeError, match=rf"{name} must be an integer tensor"):
+    with pytest.raises(TypeError, match=rf"{name} must be a signed integer tensor"):
         attn(q, k, v, "rope", **{name: torch.ones(L, dtype=torch.bool)})
 
 
@@ -279,7 +279,7 @@ def test_apply_rotary_bad_inputs():
         apply_rotary(torch.randn(3, 8))
     with pytest.raises(TypeError, match="x must be floating point"):
         apply_rotary(torch.ones(1, 2, 2, 8, dtype=torch.long))
-    with pytest.raises(TypeError, match="positions must be an integer"):
+    with pytest.raises(TypeError, match="positions must be a signed integer"):
         apply_rotary(torch.randn(1, 2, 2, 8), positions=torch.zeros(2))
     with pytest.raises(ValueError, match="positions must have shape"):
         apply_rotary(torch.randn(1, 2, 2, 8), positions=torch.arange(3))

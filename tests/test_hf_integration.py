@@ -19,18 +19,30 @@ pytestmark = [pytest.mark.skipif(_tf_problem is not None, reason=f"transformers 
 VOCAB = 101
 
 
+# families with sliding windows / soft-capping, as their configs set them (windows shorter than the test sequences;
+# Gemma-2's scale 1 and cap 2 make the cap bite on random weights)
+FAMILY_OPTIONS = {
+    "qwen3": dict(head_dim=16),
+    "mistral-sliding": dict(sliding_window=5),
+    "qwen2-sliding": dict(sliding_window=6, use_sliding_window=True, max_window_layers=1),
+    "gemma2": dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=1, attn_logit_softcapping=2.0,
+                   final_logit_softcapping=30.0, attn_implementation="eager"),  # HF's Gemma-2 has no SDPA path
+}
+
+
 def _model(family, rope=None, partial=None, layers=2):
     import transformers as tf
 
     cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
-           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}[family]
+           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+           "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM)}[family.split("-")[0]]
     params = {"rope_type": "default", "rope_theta": 10000.0, **(rope or {})}
     if partial is not None:
         params["partial_rotary_factor"] = partial
-    kw = dict(head_dim=16) if family == "qwen3" else {}
+    kw = {"attn_implementation": "sdpa", **FAMILY_OPTIONS.get(family, {})}
     config = cls[0](hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
                     num_hidden_layers=layers, vocab_size=VOCAB, max_position_embeddings=256,
-                    attn_implementation="sdpa", rope_parameters=params, **kw)
+                    rope_parameters=params, **kw)
     torch.manual_seed(0)
     return cls[1](config).eval()
 
@@ -46,7 +58,9 @@ ROPES = {
 }
 CASES = [("llama", r, None) for r in ROPES] + [("llama", "default", 0.5), ("mistral", "default", None),
                                                 ("qwen2", "default", None), ("qwen2", "yarn", None),
-                                                ("qwen3", "default", None), ("qwen3", "llama3", None)]
+                                                ("qwen3", "default", None), ("qwen3", "llama3", None),
+                                                ("mistral-sliding", "default", None),
+                                                ("qwen2-sliding", "default", None), ("gemma2", "default", None)]
 
 
 def _patched(model, **kw):
@@ -92,7 +106,7 @@ def test_the_stock_rotation_is_not_run(monkeypatch):
         stock(_ids())
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral-sliding", "gemma2"])
 def test_greedy_generate_equals_the_stock_model(family):
     stock = _model(family, ROPES["yarn"])
     fused = _patched(stock)
@@ -102,8 +116,9 @@ def test_greedy_generate_equals_the_stock_model(family):
     assert torch.equal(a, b), (a, b)
 
 
-def test_padded_generate_takes_the_masked_fallback_and_matches():
-    stock = _model("llama")
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_padded_generate_takes_the_masked_fallback_and_matches(family):
+    stock = _model(family)
     fused = _patched(stock)
     ids = _ids(2, 9, seed=4).clamp(min=1)
     mask = torch.ones_like(ids)

@@ -120,7 +120,7 @@ def test_bad_input():
             fused_attention_with_kvcache(q, kc, vc, torch.tensor([2, 9], dtype=torch.int32))
         with pytest.raises(ValueError, match=r"cache_seqlens must have shape \(2,\)"):
             fused_attention_with_kvcache(q, kc, vc, torch.tensor([2], dtype=torch.int32))
-        with pytest.raises(TypeError, match="cache_seqlens must be an integer tensor"):
+        with pytest.raises(TypeError, match="cache_seqlens must be a signed integer tensor"):
             fused_attention_with_kvcache(q, kc, vc, torch.tensor([2.0, 3.0]))
         with pytest.raises(ValueError, match="k and v must be given together"):
             fused_attention_with_kvcache(q, kc, vc, 2, k1)

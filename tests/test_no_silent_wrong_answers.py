@@ -167,7 +167,7 @@ def test_bindings_refuse_slopes_of_another_batch():
     q, k, v = make_qkv(2, 8, 8, 2, 2, 8, torch.float32, requires_grad=False)
     p, scale, args = _native_args("alibi", q, k, v, slopes=torch.rand(3, 2))
     with pytest.raises(ValueError, match="slopes must be"):
-        _C.forward(q, k, v, p.q_pos, p.k_pos, False, scale, *args)
+        _C.forward(q, k, v, p.q_pos, p.k_pos, False, -1, -1, 0.0, scale, *args)
 
 
 @needs_cpu
@@ -177,13 +177,14 @@ def test_bindings_refuse_wrong_shapes_in_the_backward(what):
 
     q, k, v = make_qkv(2, 8, 8, 2, 2, 8, torch.float32, requires_grad=False)
     p, scale, args = _native_args("rope", q, k, v)
-    out, lse = _C.forward(q, k, v, p.q_pos, p.k_pos, False, scale, *args)
+    out, lse = _C.forward(q, k, v, p.q_pos, p.k_pos, False, -1, -1, 0.0, scale, *args)
     dout = torch.randn_like(out)
     bad = {"lse": lse[:, :, :3], "out": out[:, :4], "dout": dout[:1],  # and integer tensors of the right shape
            "out-int": (out * 8).to(torch.int32), "dout-int": (dout * 8).to(torch.int64)}
     t = {"lse": lse, "out": out, "dout": dout, **{what.split("-")[0]: bad[what]}}
     with pytest.raises(ValueError, match=what.split("-")[0] + " must be"):
-        _C.backward(t["dout"], q, k, v, t["out"], t["lse"], p.q_pos, p.k_pos, False, scale, *args, False, False)
+        _C.backward(t["dout"], q, k, v, t["out"], t["lse"], p.q_pos, p.k_pos, False, -1, -1, 0.0, scale, *args,
+                    False, False)
 
 
 @needs_cpu
@@ -194,7 +195,7 @@ def test_bindings_refuse_positions_out_of_range():
     p, scale, args = _native_args("tapa", q, k, v)
     bad = torch.tensor([[0, 1, 2, 2**63 - 1]])
     with pytest.raises(ValueError, match="k_pos must lie"):
-        _C.forward(q, k, v, p.q_pos, bad, False, scale, *args)
+        _C.forward(q, k, v, p.q_pos, bad, False, -1, -1, 0.0, scale, *args)
 
 
 @needs_cpu
@@ -219,7 +220,7 @@ def test_native_calls_release_the_gil():
             q, k, v = make_qkv(1, length, length, 4, 4, 64, torch.float32, requires_grad=False)
             p, scale, args = _native_args("tapa", q, k, v)
             t0, before = time.perf_counter(), ticks[0]
-            _C.forward(q, k, v, p.q_pos, p.k_pos, True, scale, *args)
+            _C.forward(q, k, v, p.q_pos, p.k_pos, True, -1, -1, 0.0, scale, *args)
             took, during = time.perf_counter() - t0, ticks[0] - before
             if took >= 0.15:
                 break

@@ -68,26 +68,45 @@ def test_positions_beyond_int32_arithmetic_fail_the_stream_on_cuda():
     assert r.returncode != 0
 
 
-def test_causal_bounds_are_tight_for_ascending_positions_and_safe_otherwise():
-    from fused_posenc.ops.triton.bounds import causal_bounds
+@pytest.mark.parametrize("causal,window", [(True, None), (False, (9, 4)), (True, (30, -1)), (False, (-1, 7))])
+def test_tile_bounds_are_tight_for_ascending_positions_and_safe_otherwise(causal, window):
+    """Each 16-row chunk's range is exactly the span of the keys (queries) its rows can see under the causal rule
+    and the window, for ascending positions; the whole length when the positions do not ascend."""
+    from fused_posenc.ops.triton.bounds import tile_bounds
 
     lq, lk = 40, 70
     k_pos = torch.arange(lk)[None] * 2  # even positions 0..138
     q_pos = torch.arange(lq)[None] * 3 + 20
-    kend, qstart = causal_bounds(q_pos, k_pos)
-    for c in range(kend.shape[1]):  # keys visible to the chunk's last query: k_pos <= max q_pos of the chunk
-        qmax = q_pos[0, c * 16:(c + 1) * 16].max()
-        assert kend[0, c] == int((k_pos[0] <= qmax).sum())
-    for c in range(qstart.shape[1]):  # first query that sees the chunk's first key
-        kmin = k_pos[0, c * 16:(c + 1) * 16].min()
-        assert qstart[0, c] == int((q_pos[0] < kmin).sum())
+    left, right = window if window is not None else (-1, -1)
+    d = q_pos[0, :, None] - k_pos[0, None, :]  # (Lq, Lk)
+    seen = torch.ones_like(d, dtype=torch.bool)
+    if causal:
+        seen &= d >= 0
+    if left >= 0:
+        seen &= d <= left
+    if right >= 0:
+        seen &= -d <= right
+    krange, qrange = tile_bounds(q_pos, k_pos, causal, window)
+
+    def span(mask):  # [first, last + 1) of the True entries, or an empty range
+        idx = mask.nonzero().flatten()
+        return (int(idx.min()), int(idx.max()) + 1) if len(idx) else None
+
+    for c in range(krange.shape[2]):
+        want = span(seen[c * 16:(c + 1) * 16].any(0))
+        got = tuple(int(x) for x in krange[0, :, c])
+        assert want is None and got[0] >= got[1] or got == want, (c, got, want)
+    for c in range(qrange.shape[2]):
+        want = span(seen[:, c * 16:(c + 1) * 16].any(1))
+        got = tuple(int(x) for x in qrange[0, :, c])
+        assert want is None and got[0] >= got[1] or got == want, (c, got, want)
     shuffled = k_pos[:, torch.randperm(lk, generator=torch.Generator().manual_seed(0))]
-    kend2, _ = causal_bounds(q_pos, shuffled)
-    assert (kend2 == lk).all()  # keys out of order: no prefix to skip to
-    _, qstart2 = causal_bounds(q_pos.flip(1), k_pos)
-    assert (qstart2 == 0).all()
-    kend3, qstart3 = causal_bounds(torch.stack([q_pos[0], q_pos[0] + 1000]), k_pos)  # per-batch rows
-    assert kend3.shape == (2, 3) and (kend3[1] == lk).all() and (qstart3[1] == 0).all()
+    kr2, _ = tile_bounds(q_pos, shuffled, causal, window)
+    assert (kr2[:, 0] == 0).all() and (kr2[:, 1] == lk).all()  # keys out of order: nothing to skip
+    _, qr2 = tile_bounds(q_pos.flip(1), k_pos, causal, window)
+    assert (qr2[:, 0] == 0).all() and (qr2[:, 1] == lq).all()
+    kr3, qr3 = tile_bounds(torch.stack([q_pos[0], q_pos[0] + 1000]), k_pos, causal, window)  # per-batch rows
+    assert kr3.shape == (2, 2, 3) and qr3.shape == (2, 2, 5)
 
 
 @pytest.mark.parametrize("encoding", ["rope", "alibi", "tapa"])

@@ -161,7 +161,7 @@ FPE_INLINE void micro(const T* a, int64_t am, int64_t ak, const T* b, int64_t ld
     for (int v = 0; v < NV; ++v) vstore<T, VB>(c + m * ldc + v * W, acc[m][v]);
 }
 
-// The part [lo, hi) of the summed index where a group of MR rows of A can be nonzero (see causal_ranges).
+// The part [lo, hi) of the summed index where a group of MR rows of A can be nonzero (see mask_ranges).
 struct KRange {
   int lo, hi;
 };
@@ -226,6 +226,22 @@ FPE_INLINE float vexp2(float t) {
 FPE_INLINE float vexp(float x) { return pick(!(x < -87.f), vexp2(x * 1.44269504088896341f), 0.f); }  // 0 for -inf
 FPE_INLINE double vexp(double x) { return std::exp(x); }
 
+// tanh: below |x| = 0.625 an odd polynomial x + x^3 p(x^2) (a minimax fit made for this file, ~1.3 ulp), above it
+// 1 - 2 / (e^2|x| + 1), where nothing cancels (~3 ulp; |x| clamped at 16, where tanh rounds to 1: e^inf would be
+// NaN; the clamp a pick, as std::min made GCC see control flow); the sign goes back as a bit. NaN stays NaN.
+FPE_INLINE float vtanh(float x) {
+  const float a = std::fabs(x), z = a * a;
+  float p = -5.7049676239e-3f;
+  p = p * z + 2.0639070829e-2f;
+  p = p * z - 5.3739710352e-2f;
+  p = p * z + 1.3331442145e-1f;
+  p = p * z - 3.3333281940e-1f;
+  const float small = p * z * a + a, big = 1.f - 2.f / (vexp(2.f * pick(!(a > 16.f), a, 16.f)) + 1.f);
+  const uint32_t t = __builtin_bit_cast(uint32_t, pick(a < 0.625f, small, big));
+  return __builtin_bit_cast(float, t | (__builtin_bit_cast(uint32_t, x) & 0x80000000u));
+}
+FPE_INLINE double vtanh(double x) { return std::tanh(x); }
+
 // x^a for x >= 1: 2^(a log2 x) with x = 2^e m, m in [sqrt(1/2), sqrt(2)). a = hi + lo where hi has 12 low
 // mantissa bits cleared, so hi * e is exact (|e| < 2^11) and the error stays ~2 ulp for any a and x, rather
 // than growing with a log2 x.
@@ -289,6 +305,11 @@ struct Plan {
   Dims dm;
   EncParams p;
   bool causal = false;
+  // key n is visible to query m iff dlo <= q_pos[m] - k_pos[n] <= dhi: the causal rule (dlo = 0) and the window
+  // (dlo = -right, dhi = left); the int64 limits where unbounded. The difference is exact (positions in
+  // [-2^62, 2^62)), dlo <= 0 <= dhi.
+  int64_t dlo = std::numeric_limits<int64_t>::min(), dhi = std::numeric_limits<int64_t>::max();
+  T cap = 0;  // soft cap of the scores (0: none), see soft_cap
   T scale = 1;
   bool tapa = false;
   // columns of an encoded row: input dims [0, split) at [0, split), [split, D) at [Da, Da + D - split) (TAPA
@@ -306,11 +327,13 @@ struct Plan {
   bool wide = false;
   // ALiBi: each query row's nearest visible key distance r (0 when it sees none), (Bq or Bk, Lqp). The row's scores
   // are s q.k - slope (|m - n| - r): the softmax is unchanged, nothing of size slope |m - n| is rounded, and the lse
-  // (forward output, backward input) is relative to the same r (encodings/alibi.py).
+  // (forward output, backward input) is relative to the same r (encodings/alibi.py). "Visible" is the causal rule
+  // only, not the window, as the Python side (nearest_key_distance, lse_shift) has it: r is a per-row shift, which
+  // the softmax does not see, so the results are exact either way.
   std::vector<int64_t> aref;
   bool aref_batched = false;
   bool qpos_batched, kpos_batched;
-  std::vector<int64_t> qmin, qmax, kmin, kmax;  // per (batch, query block) / (batch, key tile): causal tiles
+  std::vector<int64_t> qmin, qmax, kmin, kmax;  // per (batch, query block) / (batch, key tile): masked tiles
   std::vector<uint8_t> qasc, kasc;               // whether positions ascend within the block / tile
   // tables: row r is position tpos[r]; qrow / krow give each position's row
   const int64_t *tpos = nullptr, *qrow = nullptr, *krow = nullptr;
@@ -333,13 +356,16 @@ struct Plan {
   T* gk = nullptr;                 // (B, H, Lkp, Dp) gradient w.r.t. encoded k, per query head
   double* dslope = nullptr;        // ALiBi with slope gradients: (B * H * nsplit) partial sums, one per work item
 
+  // The differences q_pos - k_pos of a (query block, key tile) pair lie in [qmin - kmax, qmax - kmin].
+  // visible: whether that range meets [dlo, dhi] (else the pair is skipped: cost grows with the window)
   bool visible(int64_t b, int64_t qb, int64_t kt_) const {
-    return !causal || kmin[(kpos_batched ? b : 0) * nkt + kt_] <= qmax[(qpos_batched ? b : 0) * nqb + qb];
+    const int64_t t = (kpos_batched ? b : 0) * nkt + kt_, u = (qpos_batched ? b : 0) * nqb + qb;
+    return qmax[u] - kmin[t] >= dlo && qmin[u] - kmax[t] <= dhi;
   }
-  // whether some key of the tile is padding or (causal) after some query of the block
+  // whether some key of the tile is padding or some (query, key) pair of it invisible (the range leaves [dlo, dhi])
   bool masked(int64_t b, int64_t qb, int64_t kt_) const {
-    return (kt_ + 1) * BK > dm.Lk ||
-           (causal && kmax[(kpos_batched ? b : 0) * nkt + kt_] > qmin[(qpos_batched ? b : 0) * nqb + qb]);
+    const int64_t t = (kpos_batched ? b : 0) * nkt + kt_, u = (qpos_batched ? b : 0) * nqb + qb;
+    return (kt_ + 1) * BK > dm.Lk || qmin[u] - kmax[t] < dlo || qmax[u] - kmin[t] > dhi;
   }
   int64_t table_head(int64_t h) const { return Ht > 1 ? h : 0; }
   // ALiBi: the nearest-key distances of batch b's queries from i0 on (Plan::aref), else null
@@ -347,25 +373,43 @@ struct Plan {
     return aref.empty() ? nullptr : aref.data() + (aref_batched ? b * Lqp : 0) + i0;
   }
   // the factor the softmax applies to the scores: the scale itself unless score_row already applied it
-  T exp_scale() const { return tapa || p.kind == ENC_ALIBI ? T(1) : scale; }
+  T exp_scale() const { return tapa || p.kind == ENC_ALIBI || cap > 0 ? T(1) : scale; }
   // TAPA: the run of Omega for query position qp and the keys of a tile starting at kp0, or null
   const T* omega_run(int64_t b, int64_t kt_, int64_t qp, int64_t kp0) const {
     return omega && kcontig[(kpos_batched ? b : 0) * nkt + kt_] ? omega + (kp0 - qp - omega_lo) : nullptr;
   }
 };
 
-// Where P (and dS) can be nonzero on a masked (query block, key tile) pair, per group of MR rows: the keys a group of
-// queries sees, a prefix [0, hi) when the key positions of the tile ascend (else all valid keys), and the queries
-// that see a group of keys, a suffix [lo, nq) when the query positions of the block ascend. The matmuls summing over
-// keys (P V, dS K) or queries (P^T dO, dS^T Q) skip the rest: about half of a diagonal tile.
+// a + b and a - b, saturated at the int64 limits
+inline int64_t sat_add(int64_t a, int64_t b) {
+  int64_t r;
+  if (!__builtin_add_overflow(a, b, &r)) return r;
+  return b < 0 ? std::numeric_limits<int64_t>::min() : std::numeric_limits<int64_t>::max();
+}
+inline int64_t sat_sub(int64_t a, int64_t b) {
+  int64_t r;
+  if (!__builtin_sub_overflow(a, b, &r)) return r;
+  return b > 0 ? std::numeric_limits<int64_t>::min() : std::numeric_limits<int64_t>::max();
+}
+
+// Where P (and dS) can be nonzero on a masked (query block, key tile) pair, per group of MR rows: the keys a group
+// of queries sees and the queries that see a group of keys. Key n is visible to query m iff dlo <= q_m - k_n <= dhi,
+// so queries at positions in [a, b] see keys in [a - dhi, b - dlo] only, and keys in [a, b] are seen by queries in
+// [a + dlo, b + dhi] only: an interval of the tile when its key positions ascend (else all valid keys), of the block
+// when its query positions ascend (else all). The matmuls summing over keys (P V, dS K) or queries (P^T dO, dS^T Q)
+// skip the rest: about half of a diagonal tile under the causal rule, most of a tile that a narrow window crosses.
 template <class T>
-void causal_ranges(const Plan<T>& c, int64_t b, int64_t qb, int64_t kt, const int64_t* qp, int nq, const int64_t* kp,
-                   int nk, KRange* qrows, KRange* krows) {
-  const bool kasc = c.causal && c.kasc[(c.kpos_batched ? b : 0) * c.nkt + kt];
-  const bool qasc = c.causal && c.qasc[(c.qpos_batched ? b : 0) * c.nqb + qb];
+void mask_ranges(const Plan<T>& c, int64_t b, int64_t qb, int64_t kt, const int64_t* qp, int nq, const int64_t* kp,
+                 int nk, KRange* qrows, KRange* krows) {
+  const bool bounded = c.dlo != std::numeric_limits<int64_t>::min() || c.dhi != std::numeric_limits<int64_t>::max();
+  const bool kasc = bounded && c.kasc[(c.kpos_batched ? b : 0) * c.nkt + kt];
+  const bool qasc = bounded && c.qasc[(c.qpos_batched ? b : 0) * c.nqb + qb];
   for (int g = 0; g * MR < nq; ++g) {
-    const int64_t q = *std::max_element(qp + g * MR, qp + std::min(g * MR + MR, nq));
-    qrows[g] = {0, kasc ? static_cast<int>(std::upper_bound(kp, kp + nk, q) - kp) : nk};
+    const auto mm = std::minmax_element(qp + g * MR, qp + std::min(g * MR + MR, nq));
+    qrows[g] = {0, nk};
+    if (kasc)
+      qrows[g] = {static_cast<int>(std::lower_bound(kp, kp + nk, sat_sub(*mm.first, c.dhi)) - kp),
+                  static_cast<int>(std::upper_bound(kp, kp + nk, sat_sub(*mm.second, c.dlo)) - kp)};
   }
   const int mq = static_cast<int>(round_up(nq, MR));
   for (int g = 0; g * MR < BK; ++g) {
@@ -373,8 +417,11 @@ void causal_ranges(const Plan<T>& c, int64_t b, int64_t qb, int64_t kt, const in
       krows[g] = {mq, mq};  // padding keys
       continue;
     }
-    const int64_t k = *std::min_element(kp + g * MR, kp + std::min(g * MR + MR, nk));
-    krows[g] = {qasc ? static_cast<int>(std::lower_bound(qp, qp + nq, k) - qp) : 0, mq};
+    const auto mm = std::minmax_element(kp + g * MR, kp + std::min(g * MR + MR, nk));
+    krows[g] = {0, mq};
+    if (qasc)
+      krows[g] = {static_cast<int>(std::lower_bound(qp, qp + nq, sat_add(*mm.first, c.dlo)) - qp),
+                  static_cast<int>(std::upper_bound(qp, qp + nq, sat_add(*mm.second, c.dhi)) - qp)};
   }
 }
 
@@ -475,12 +522,39 @@ FPE_INLINE void tapa_score(T om, T sc, T* s, T* x, T* y, int j) {
   }
 }
 
+// Soft cap of the scores of one row: s -> cap t, t = tanh(s / cap), on the encoding's score with the scale applied:
+// TAPA's s is scaled already; the dot-product encodings' s is q.k, scaled here (Plan::exp_scale is 1 then).
+// With GRAD, the chain factor ds_capped/ds = 1 - t^2 joins dS's factors: TAPA's x and y are multiplied by it, the
+// others get x = scale (1 - t^2), the derivative w.r.t. q.k (backward_item).
+template <class T, bool GRAD>
+FPE_INLINE void soft_cap(const Plan<T>& c, T* s, T* x, T* y) {
+  const T cap = c.cap, sc = c.scale, f = (c.tapa ? T(1) : sc) / cap;
+  if (c.tapa) {
+#pragma omp simd
+    for (int j = 0; j < BK; ++j) {
+      const T t = vtanh(s[j] * f), g = 1 - t * t;
+      s[j] = cap * t;
+      if (GRAD) {
+        x[j] *= g;
+        y[j] *= g;
+      }
+    }
+  } else {
+#pragma omp simd
+    for (int j = 0; j < BK; ++j) {
+      const T t = vtanh(s[j] * f);
+      s[j] = cap * t;
+      if (GRAD) x[j] = sc * (1 - t * t);
+    }
+  }
+}
+
 // Scores of one query row of a tile. s holds q.k over the input dims [0, split) on entry, the score on exit (still
-// unscaled when the encoding adds nothing to it: Plan::exp_scale); with `mask`, keys j >= nk and (if causal) keys
-// after the query get -inf. TAPA: x holds the phase dot q_P.k_P on entry; with GRAD, x and y return the factors of
-// dS in the gradients of q_A.k_A (scale cos psi) and of q_P.k_P (-amp sin psi Omega); om is Omega of the row's
-// keys from the per-call table (Plan::omega_run), or null to compute it. No float op sits under a condition (GCC
-// would not vectorize the loop for AVX2).
+// unscaled when the encoding adds nothing to it: Plan::exp_scale); soft-capped (soft_cap) before ALiBi's bias, which
+// is not capped; with `mask`, keys j >= nk and keys the query does not see (Plan::dlo) get -inf. TAPA: x holds the
+// phase dot q_P.k_P on entry; with GRAD, x and y return the factors of dS in the gradients of q_A.k_A (scale cos psi)
+// and of q_P.k_P (-amp sin psi Omega); om is Omega of the row's keys from the per-call table (Plan::omega_run), or
+// null to compute it. No float op sits under a condition (GCC would not vectorize the loop for AVX2).
 // |a - b| for positions in [-2^62, 2^62), formed exactly in int64
 FPE_INLINE int64_t int_distance(int64_t a, int64_t b) { return a >= b ? a - b : b - a; }
 // |a - b| rounded to double once
@@ -510,21 +584,27 @@ FPE_INLINE void score_row(const Plan<T>& c, int64_t qp, const int64_t* kp, const
 #pragma omp simd
       for (int j = 0; j < BK; ++j) tapa_score<T, GRAD>(omega(std::fabs(qpd - kpd[j])), sc, s, x, y, j);
     }
-  } else if (c.p.kind == ENC_ALIBI) {  // relative to the row's nearest visible key at distance ref (Plan::aref)
+  }
+  if (c.cap > 0) soft_cap<T, GRAD>(c, s, x, y);
+  if (c.p.kind == ENC_ALIBI) {  // relative to the row's nearest visible key at distance ref (Plan::aref)
+    const T a = c.cap > 0 ? T(1) : sc;  // (capped: scaled already)
     if (c.wide) {
       for (int j = 0; j < BK; ++j)
-        s[j] = s[j] * sc - slope * static_cast<T>(static_cast<double>(int_distance(qp, kp[j]) - ref));
+        s[j] = s[j] * a - slope * static_cast<T>(static_cast<double>(int_distance(qp, kp[j]) - ref));
     } else {  // exact: every operand an integer below 2^53
       const double rd = static_cast<double>(ref);
 #pragma omp simd
-      for (int j = 0; j < BK; ++j) s[j] = s[j] * sc - slope * static_cast<T>(std::fabs(qpd - kpd[j]) - rd);
+      for (int j = 0; j < BK; ++j) s[j] = s[j] * a - slope * static_cast<T>(std::fabs(qpd - kpd[j]) - rd);
     }
-  }  // else the scale stays in the softmax: exp(scale * s - m), see Plan::exp_scale
+  }  // else (uncapped) the scale stays in the softmax: exp(scale * s - m), see Plan::exp_scale
   if (!mask) return;
   const T ninf = -std::numeric_limits<T>::infinity();
-  const bool causal = c.causal;
+  const int64_t lo = c.dlo, hi = c.dhi;
 #pragma omp simd
-  for (int j = 0; j < BK; ++j) s[j] = ((j < nk) & (!causal | (kp[j] <= qp))) ? s[j] : ninf;
+  for (int j = 0; j < BK; ++j) {
+    const int64_t d = qp - kp[j];  // exact (padding keys sit at position 0)
+    s[j] = ((j < nk) & (d >= lo) & (d <= hi)) ? s[j] : ninf;
+  }
 }
 
 // ---- preparation of the operands ---------------------------------------------------------------------------------
@@ -663,7 +743,7 @@ FPE_CPU_CLONES void forward_block(const Plan<T>& c, int64_t item, T* scratch, T*
       for (int64_t e = 0; e < Dvp; ++e) o[e] *= f;
     }
     KRange qrows[BQ / MR], krows[BK / MR];
-    if (mask) causal_ranges(c, b, qb, kt, qp, nq, kp, nk, qrows, krows);
+    if (mask) mask_ranges(c, b, qb, kt, qp, nq, kp, nk, qrows, krows);
     gemm<T, true>(Mq, Dvp, BK, S, BK, 1, c.ve + ((b * dm.Hkv + hk) * c.Lkp + kt * BK) * Dvp, Dvp, O, Dvp,
                   mask ? qrows : nullptr);
   }
@@ -707,7 +787,9 @@ FPE_CPU_CLONES void backward_item(const Plan<T>& c, int64_t item, T* scratch, co
   const int64_t b = task / dm.H, h = task % dm.H, hk = h / dm.G, he = c.Hke == dm.H ? h : hk;
   const int64_t Dp = c.Dp, Dvp = c.Dvp, Da = c.Da;
   T *S = scratch, *DP = S + BQ * BK, *X = DP + BQ * BK, *Y = X + BQ * BK, *dK = Y + BQ * BK, *dV = dK + BK * Dp;
-  const T ninf = -std::numeric_limits<T>::infinity(), sc = c.scale, esc = c.exp_scale();
+  const T ninf = -std::numeric_limits<T>::infinity(), esc = c.exp_scale();
+  alignas(64) T scales[BK];
+  std::fill(scales, scales + BK, c.scale);
   const T slope = c.p.kind == ENC_ALIBI ? static_cast<T>(c.p.slopes[(c.p.slopes_batch > 1 ? b : 0) * dm.H + h]) : T(0);
   const T* lse_bh = lse + (b * dm.H + h) * dm.Lq;
   const int64_t* rq_bh = c.row_refs(b, 0);
@@ -757,11 +839,12 @@ FPE_CPU_CLONES void backward_item(const Plan<T>& c, int64_t item, T* scratch, co
             x[j] = ds * y[j];
           }
         } else {
+          const T* g = c.cap > 0 ? x : scales;  // dS's factor w.r.t. q.k: the scale, or soft_cap's derivative
 #pragma omp simd
           for (int j = 0; j < BK; ++j) {
             const T pj = vexp(s[j] * esc - L);
             s[j] = pj;
-            dp[j] = pj * (dp[j] - dl) * sc;
+            dp[j] = pj * (dp[j] - dl) * g[j];
           }
         }
       }
@@ -769,7 +852,7 @@ FPE_CPU_CLONES void backward_item(const Plan<T>& c, int64_t item, T* scratch, co
       std::fill(DP + nq * BK, DP + Mq * BK, T(0));
       std::fill(X + nq * BK, X + Mq * BK, T(0));
       KRange qrows[BQ / MR], krows[BK / MR];
-      if (mask) causal_ranges(c, b, qb, kt, qp, nq, kp, nk, qrows, krows);
+      if (mask) mask_ranges(c, b, qb, kt, qp, nq, kp, nk, qrows, krows);
       const KRange *qr = mask ? qrows : nullptr, *kr = mask ? krows : nullptr;
       gemm<T, true>(BK, Dvp, Mq, S, 1, BK, DO, Dvp, dV, Dvp, kr);          // dV += P^T dO
       gemm<T, true>(BK, Da, Mq, DP, 1, BK, Q, Dp, dK, Dp, kr);             // dK += dS^T Q
@@ -845,15 +928,19 @@ void nearest_key_distances(Plan<T>& c, const int64_t* qp, int64_t Bq, const int6
 // Geometry, padded positions, block summaries, table rows and the operand buffers; `keep` owns the memory.
 template <class T>
 Plan<T> make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_pos,
-                  const at::Tensor& k_pos, const EncParams& p, bool causal, double scale, bool backward,
-                  int nthreads, std::vector<at::Tensor>& keep) {
+                  const at::Tensor& k_pos, const EncParams& p, const ScoreOpts& o, bool backward, int nthreads,
+                  std::vector<at::Tensor>& keep) {
   Plan<T> c;
   Dims& dm = c.dm;
   dm.B = q.size(0); dm.Lq = q.size(1); dm.H = q.size(2); dm.D = q.size(3);
   dm.Lk = k.size(1); dm.Hkv = k.size(2); dm.Dv = v.size(3); dm.G = dm.H / dm.Hkv;
   c.p = p;
-  c.causal = causal;
-  c.scale = static_cast<T>(scale);
+  c.causal = o.causal;
+  if (o.causal) c.dlo = 0;
+  if (o.window_right >= 0) c.dlo = std::max(c.dlo, -o.window_right);
+  if (o.window_left >= 0) c.dhi = o.window_left;
+  c.cap = static_cast<T>(o.softcap);
+  c.scale = static_cast<T>(o.scale);
   c.tapa = p.kind == ENC_TAPA;
   const int64_t W = kW<T>;
   c.split = c.tapa ? p.tapa_split : dm.D;
@@ -1003,10 +1090,10 @@ void prepare_operands(const Plan<T>& c, const T* qd, const T* kd, const T* vd, T
 
 template <class T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_pos,
-                  const at::Tensor& k_pos, const EncParams& p, bool causal, double scale, T* out, T* lse) {
+                  const at::Tensor& k_pos, const EncParams& p, const ScoreOpts& o, T* out, T* lse) {
   const int nth = at::get_num_threads();
   std::vector<at::Tensor> keep;
-  const Plan<T> c = make_plan<T>(q, k, v, q_pos, k_pos, p, causal, scale, false, nth, keep);
+  const Plan<T> c = make_plan<T>(q, k, v, q_pos, k_pos, p, o, false, nth, keep);
   at::Tensor scratch = at::empty({nth, round_up(forward_scratch(c), 16)}, q.options());
   const T *qd = q.data_ptr<T>(), *kd = k.data_ptr<T>(), *vd = v.data_ptr<T>();
   const Dims& dm = c.dm;
@@ -1022,11 +1109,10 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 template <class T>
 void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& out, const T* lse, const at::Tensor& q_pos, const at::Tensor& k_pos,
-                   const EncParams& p, bool causal, double scale, T* dq, T* dkh, T* dvh, T* dA, T* dB,
-                   at::Tensor* dslopes) {
+                   const EncParams& p, const ScoreOpts& o, T* dq, T* dkh, T* dvh, T* dA, T* dB, at::Tensor* dslopes) {
   const int nth = at::get_num_threads();
   std::vector<at::Tensor> keep;
-  Plan<T> c = make_plan<T>(q, k, v, q_pos, k_pos, p, causal, scale, true, nth, keep);
+  Plan<T> c = make_plan<T>(q, k, v, q_pos, k_pos, p, o, true, nth, keep);
   at::Tensor dslope_parts;
   if (dslopes != nullptr) {
     dslope_parts = at::zeros({c.dm.B * c.dm.H, c.nsplit}, q.options().dtype(at::kDouble));
@@ -1065,7 +1151,7 @@ int cpu_vector_bytes() { return kVecBytes; }
 
 std::tuple<at::Tensor, at::Tensor> cpu_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                                const at::Tensor& q_pos_in, const at::Tensor& k_pos_in,
-                                               const EncHolder& enc, bool causal, double scale) {
+                                               const EncHolder& enc, const ScoreOpts& o) {
   const auto ct = compute_type(q_in);
   auto q = q_in.to(ct).contiguous(), k = k_in.to(ct).contiguous(), v = v_in.to(ct).contiguous();
   auto q_pos = q_pos_in.to(at::kLong).contiguous(), k_pos = k_pos_in.to(at::kLong).contiguous();
@@ -1073,16 +1159,16 @@ std::tuple<at::Tensor, at::Tensor> cpu_forward(const at::Tensor& q_in, const at:
   auto out = at::empty({B, Lq, H, Dv}, q.options());
   auto lse = at::empty({B, H, Lq}, q.options());
   if (ct == at::kDouble)
-    forward_impl<double>(q, k, v, q_pos, k_pos, enc.p, causal, scale, out.data_ptr<double>(), lse.data_ptr<double>());
+    forward_impl<double>(q, k, v, q_pos, k_pos, enc.p, o, out.data_ptr<double>(), lse.data_ptr<double>());
   else
-    forward_impl<float>(q, k, v, q_pos, k_pos, enc.p, causal, scale, out.data_ptr<float>(), lse.data_ptr<float>());
+    forward_impl<float>(q, k, v, q_pos, k_pos, enc.p, o, out.data_ptr<float>(), lse.data_ptr<float>());
   return {out.to(q_in.scalar_type()), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& q_pos_in, const at::Tensor& k_pos_in,
-    const EncHolder& enc, bool causal, double scale, bool want_coef_grad, at::Tensor* dslopes) {
+    const EncHolder& enc, const ScoreOpts& o, bool want_coef_grad, at::Tensor* dslopes) {
   const auto ct = compute_type(q_in);
   auto q = q_in.to(ct).contiguous(), k = k_in.to(ct).contiguous(), v = v_in.to(ct).contiguous();
   auto dout = dout_in.to(ct).contiguous(), out = out_in.to(ct).contiguous(), lse = lse_in.to(ct).contiguous();
@@ -1099,13 +1185,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backw
     dB = at::zeros({B, H, enc.p.fope_dk, enc.p.npairs}, q.options());
   }
   if (ct == at::kDouble)
-    backward_impl<double>(dout, q, k, v, out, lse.data_ptr<double>(), q_pos, k_pos, enc.p, causal, scale,
-                          dq.data_ptr<double>(), dkh.data_ptr<double>(), dvh.data_ptr<double>(),
-                          coef ? dA.data_ptr<double>() : nullptr, coef ? dB.data_ptr<double>() : nullptr, dslopes);
+    backward_impl<double>(dout, q, k, v, out, lse.data_ptr<double>(), q_pos, k_pos, enc.p, o, dq.data_ptr<double>(),
+                          dkh.data_ptr<double>(), dvh.data_ptr<double>(), coef ? dA.data_ptr<double>() : nullptr,
+                          coef ? dB.data_ptr<double>() : nullptr, dslopes);
   else
-    backward_impl<float>(dout, q, k, v, out, lse.data_ptr<float>(), q_pos, k_pos, enc.p, causal, scale,
-                         dq.data_ptr<float>(), dkh.data_ptr<float>(), dvh.data_ptr<float>(),
-                         coef ? dA.data_ptr<float>() : nullptr, coef ? dB.data_ptr<float>() : nullptr, dslopes);
+    backward_impl<float>(dout, q, k, v, out, lse.data_ptr<float>(), q_pos, k_pos, enc.p, o, dq.data_ptr<float>(),
+                         dkh.data_ptr<float>(), dvh.data_ptr<float>(), coef ? dA.data_ptr<float>() : nullptr,
+                         coef ? dB.data_ptr<float>() : nullptr, dslopes);
   const auto dt = q_in.scalar_type();
   auto dk = G == 1 ? dkh : dkh.view({B, Lk, Hkv, G, D}).sum(3);
   auto dv = G == 1 ? dvh : dvh.view({B, Lk, Hkv, G, Dv}).sum(3);

@@ -19,8 +19,8 @@ def batch_specific_encoding(problem) -> bool:
 def run_by_rows(p, run):
     """Key padding by slicing, for backends whose kernels take none: batch row ``b`` of ``p`` (a
     :class:`~fused_posenc.attention.Problem` with ``k_lengths`` on the CPU, so reading them costs no device sync)
-    runs alone on its first ``k_lengths[b]`` keys (and its first ``q_lengths[b]`` queries, when given: the padding
-    rows output zeros) through ``run(problem) -> out | (out, lse)``; a row with no key outputs zeros (and lse
+    runs alone on its first ``k_lengths[b]`` keys (its last ones with ``k_padding_left``) and its first
+    ``q_lengths[b]`` queries, when given (the padding rows output zeros) through ``run(problem) -> out | (out, lse)``; a row with no key outputs zeros (and lse
     -inf). Differentiable (slices and concatenations)."""
     import dataclasses
 
@@ -33,10 +33,11 @@ def run_by_rows(p, run):
         out = p.q.new_zeros(1, m, h, dv)
         lse = torch.full((1, h, m), float("-inf"), dtype=wd)
         if n > 0 and m > 0:
+            keys = slice(lk - n, lk) if p.k_padding_left else slice(0, n)
             row = dataclasses.replace(
-                p, q=p.q[i:i + 1, :m], k=p.k[i:i + 1, :n], v=p.v[i:i + 1, :n], k_lengths=None, q_lengths=None,
-                default_positions=False, q_pos=p.q_pos[min(i, p.q_pos.shape[0] - 1), :m][None],
-                k_pos=p.k_pos[min(i, p.k_pos.shape[0] - 1), :n][None])
+                p, q=p.q[i:i + 1, :m], k=p.k[i:i + 1, keys], v=p.v[i:i + 1, keys], k_lengths=None, q_lengths=None,
+                k_padding_left=False, default_positions=False, q_pos=p.q_pos[min(i, p.q_pos.shape[0] - 1), :m][None],
+                k_pos=p.k_pos[min(i, p.k_pos.shape[0] - 1), keys][None])
             res = run(row)
             out, lse = res if p.return_lse else (res, lse)
         if m < lq:  # padding rows

@@ -42,6 +42,9 @@ class NativeBackend:
             if batch_specific_encoding(problem):
                 return False, ("key lengths with per-batch ALiBi slopes: backend='cpu' runs the rows one by one and "
                                "cannot split the slopes (use backend='torch')")
+        if want_cuda and (problem.window is not None or problem.softcap is not None):
+            return False, ("window_size and softcap: the CUDA fallback kernels take neither (use backend='triton', "
+                           "'cpu' on CPU tensors, or 'torch')")
         if want_cuda and problem.q.dtype == torch.float64:
             return False, "the CUDA kernels take float16, bfloat16 or float32 (use backend='torch' for float64)"
         return True, ""

@@ -98,12 +98,12 @@ class ALiBi(Encoding):
             s = self._slopes.to(device=device, dtype=torch.float32)
         return s[None] if s.dim() == 1 else s
 
-    def scores(self, q, k, q_pos, k_pos, softmax_scale, causal=False):
+    def scores(self, q, k, q_pos, k_pos, softmax_scale, causal=False, softcap=None):
         # the bias is formed in float32 (float64 for float64 inputs), as the kernels do: in fp16/bf16,
         # slope * |m - n| would be rounded by up to a whole unit at long distances; each row relative
         # to its nearest visible key (module docstring)
         wd = torch.float64 if q.dtype == torch.float64 else torch.float32
-        base = super().scores(q, k, q_pos, k_pos, softmax_scale).to(wd)
+        base = super().scores(q, k, q_pos, k_pos, softmax_scale, softcap=softcap).to(wd)  # the bias is not capped
         slopes = self.slopes(q.shape[2], q.shape[0], q.device).to(wd)  # (Bs, H)
         dist = (q_pos[:, :, None] - k_pos[:, None, :]).abs()  # (Bp, Lq, Lk) int64, exact
         rel = (dist - nearest_key_distance(q_pos, k_pos, causal)[:, :, None]).to(wd)

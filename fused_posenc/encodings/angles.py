@@ -108,7 +108,8 @@ def exact_angles(positions: torch.Tensor, limbs: torch.Tensor) -> torch.Tensor:
     return torch.where(pos[..., None] < 0, -ang, ang)
 
 
-def check_positions_range(name: str, pos: torch.Tensor, lo: int = -POSITION_LIMIT, hi: int = POSITION_LIMIT) -> None:
+def check_positions_range(name: str, pos: torch.Tensor, lo: int = -POSITION_LIMIT, hi: int = POSITION_LIMIT,
+                          why: str = "distances |m - n| must be exact") -> None:
     """Raise ``ValueError`` naming ``name`` unless every position is in ``[lo, hi)`` (default ``[-2^62, 2^62)``).
 
     No host-device sync: the test is ``torch._assert_async``, which on a CUDA tensor is a device-side assert
@@ -117,14 +118,24 @@ def check_positions_range(name: str, pos: torch.Tensor, lo: int = -POSITION_LIMI
     """
     if pos.numel() == 0 or (pos.dtype in _SMALL_INTS and -(2**31) >= lo and 2**31 <= hi):
         return  # cannot leave the range
-    msg = f"fused_posenc: {name} must lie in {_range_str(lo, hi)}"
-    ok = ((pos >= lo) & (pos < hi)).all()
-    try:
-        torch._assert_async(ok, msg)
-    except RuntimeError:  # CPU: raised now; the values are read only on this error path
+    def got():
         mn, mx = torch.aminmax(pos.to(torch.int64))
-        raise ValueError(f"{msg[len('fused_posenc: '):]} (distances |m - n| must be exact), got values in "
-                         f"[{int(mn)}, {int(mx)}]") from None
+        return f" ({why}), got values in [{int(mn)}, {int(mx)}]"
+
+    assert_values(((pos >= lo) & (pos < hi)).all(), f"{name} must lie in {_range_str(lo, hi)}", got)
+
+
+def assert_values(ok: torch.Tensor, what: str, detail=lambda: "") -> None:
+    """Check a value condition without a host-device sync: ``ok`` (a bool tensor) must be true, else ``what``.
+
+    On a CUDA tensor the test is ``torch._assert_async``, a device-side assert (it fails the stream
+    asynchronously with the message; the CUDA context is then unusable, as after any device assert); on a CPU
+    tensor it raises at once, a ``ValueError`` of ``what`` plus ``detail()`` (read only on this error path).
+    """
+    try:
+        torch._assert_async(ok, f"fused_posenc: {what}")
+    except RuntimeError:  # CPU: raised now
+        raise ValueError(what + detail()) from None
 
 
 _SMALL_INTS = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.uint16, torch.uint32)

@@ -35,6 +35,14 @@ def encoding_by_id(ident: int) -> "Encoding":
     return enc
 
 
+def soft_cap(s: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """``softcap * tanh(s / softcap)`` (Gemma-2's logit soft-capping) in float32 or better; ``s`` when ``None``."""
+    if softcap is None:
+        return s
+    wd = torch.float64 if s.dtype == torch.float64 else torch.float32
+    return softcap * torch.tanh(s.to(wd) / softcap)
+
+
 @dataclass
 class KernelParams:
     """What a backend needs to compute one encoding inside an attention kernel.
@@ -179,13 +187,14 @@ class Encoding:
         return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
 
     def scores(self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-               softmax_scale: Optional[float], causal: bool = False) -> torch.Tensor:
+               softmax_scale: Optional[float], causal: bool = False, softcap: Optional[float] = None) -> torch.Tensor:
         """Scores ``(B, H, Lq, Lk)`` from (already encoded) ``q (B,Lq,H,D)``, ``k (B,Lk,H,D)``.
 
         Each row is defined up to a constant (the softmax does not see it): an encoding may shift a
         row to keep its numbers small. ``causal``: the caller masks keys after the query (their scores
-        are then only required to be finite)."""
-        return torch.einsum("bmhd,bnhd->bhmn", q, k) * self.score_scale(q.shape[-1], softmax_scale)
+        are then only required to be finite). ``softcap``: the scores capped by :func:`soft_cap` (an
+        additive bias, ALiBi's, comes after the cap)."""
+        return soft_cap(torch.einsum("bmhd,bnhd->bhmn", q, k) * self.score_scale(q.shape[-1], softmax_scale), softcap)
 
     def lse_shift(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, nheads: int,
                   batch: int) -> Optional[torch.Tensor]:

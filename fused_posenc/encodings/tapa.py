@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .base import Encoding, KernelParams, check_positive
+from .base import Encoding, KernelParams, check_positive, soft_cap
 
 
 class TAPA(Encoding):
@@ -54,7 +54,7 @@ class TAPA(Encoding):
         """``c / sqrt(Dp)``."""
         return self.phase_scale / math.sqrt(head_dim - self.split(head_dim))
 
-    def scores(self, q, k, q_pos, k_pos, softmax_scale, causal=False):
+    def scores(self, q, k, q_pos, k_pos, softmax_scale, causal=False, softcap=None):
         da, amp_scale, phase = self.split(q.shape[-1]), self.score_scale(q.shape[-1], softmax_scale), self.phase_factor(q.shape[-1])
         amp = torch.einsum("bmhd,bnhd->bhmn", q[..., :da], k[..., :da]) * amp_scale
         # phase in float32 or better: |psi| reaches hundreds, so even q_P . k_P is formed in float32
@@ -65,7 +65,8 @@ class TAPA(Encoding):
         # |0|^alpha = 0 for every alpha (the spec's rule; torch's 0**0 would give 1 when alpha = 0)
         dist = torch.where(dist > 0, dist ** self.alpha, torch.zeros_like(dist))
         psi = phase * dist[:, None] * dot
-        return (amp.to(wd) * torch.cos(psi)).to(q.dtype)
+        s = (amp.to(wd) * torch.cos(psi)).to(q.dtype)
+        return s if softcap is None else soft_cap(s, softcap)  # the whole score, modulation included, is capped
 
     def kernel_params(self, head_dim, nheads, nheads_kv, batch, device) -> KernelParams:
         return KernelParams(kind="tapa", tapa_split=self.split(head_dim), tapa_alpha=self.alpha,

@@ -4,8 +4,12 @@
     apply_fused_posenc(model)                  # the model's own RoPE, now rotated inside the attention kernel
     apply_fused_posenc(model, encoding="fope") # converted to FoPE (learnable coefficients per layer) to fine-tune
 
-Families: Llama, Mistral, Qwen2, Qwen3 (any attention module with ``q_proj``/``k_proj``/``v_proj``/``o_proj``,
-``head_dim`` and ``layer_idx``; Qwen3's ``q_norm``/``k_norm`` are applied as the stock model does).
+Families: Llama, Mistral, Qwen2, Qwen3, Gemma-2 (any attention module with ``q_proj``/``k_proj``/``v_proj``/
+``o_proj``, ``head_dim`` and ``layer_idx``; Qwen3's ``q_norm``/``k_norm`` are applied as the stock model does).
+Sliding windows (Mistral's ``config.sliding_window``, Qwen2's and Gemma-2's sliding layers) run as the kernels'
+``window_size=(sliding_window - 1, -1)`` (HF: key ``j`` visible to query ``i`` iff ``i - j < sliding_window``, here
+on positions); Gemma-2's ``attn_logit_softcapping`` as ``softcap``, its ``query_pre_attn_scalar`` through the
+module's ``scaling``.
 
 How it works. Each attention module's ``forward`` is replaced: the projections as in the stock module, then
 :func:`fused_posenc.fused_attention` with ``q_positions`` / ``k_positions`` from the model's ``position_ids``, so
@@ -19,10 +23,14 @@ with the sequence length at run time and are refused (a clear error, not a silen
 
 KV cache (``generate``). The cache holds the keys *unrotated* (the kernel rotates them by their positions); each
 layer keeps the positions of its cached keys beside them (on the cache object), so a call sees every key at the
-position it was given. With an attention mask (padding), the call takes the documented fallback: q and the keys
-rotated by :func:`fused_posenc.apply_rotary` (exact angles), then PyTorch's SDPA with the mask; the cache stays
-unrotated either way. ALiBi and TAPA have no masked fallback yet (an error says so). Sliding windows (Mistral,
-Qwen2 with ``use_sliding_window``) are exact while the keys fit the window; a longer call raises.
+position it was given (a sliding-window cache that drops old keys keeps the positions of the ones it keeps).
+
+Padding. A pre-forward hook on the model reads the 2-D ``attention_mask`` it is called with: when there is none, or
+it is all ones (one device read, as HF's own mask code makes), the attention layers ignore the 4-D causal or
+sliding-window mask HF builds (the kernels apply the same rule from the positions). With padding, the call takes
+the documented fallback: q and the keys rotated by :func:`fused_posenc.apply_rotary` (exact angles), then PyTorch's
+SDPA with HF's mask (soft-capping layers: the same in plain PyTorch, capped); the cache stays unrotated either way.
+ALiBi and TAPA have no masked fallback yet (an error says so).
 """
 from __future__ import annotations
 
@@ -110,7 +118,9 @@ def apply_fused_posenc(model: torch.nn.Module, encoding: Union[None, str, Encodi
         shared = rope_from_hf(config, _rotary_module(model))
     elif isinstance(encoding, Encoding):
         shared = encoding
+    state = _padding_state(model)
     for attn in layers:
+        attn.__dict__["_fused_posenc_state"] = state
         if shared is not None:
             enc = shared
         elif str(encoding).lower() == "fope":
@@ -132,6 +142,33 @@ def apply_fused_posenc(model: torch.nn.Module, encoding: Union[None, str, Encodi
     return model
 
 
+def _padding_state(model) -> dict:
+    """``{"padded": bool}`` of the model's current call, kept up to date by a forward pre-hook (registered once)."""
+    state = model.__dict__.get("_fused_posenc_state")
+    if state is not None:
+        return state
+    state = model.__dict__["_fused_posenc_state"] = {"padded": None}
+
+    def hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if mask is None:
+            state["padded"] = False
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            state["padded"] = not bool(mask.all())  # one device read, as HF's mask code makes
+        else:  # a caller's own 4-D mask: honoured by the masked fallback
+            state["padded"] = True
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return state
+
+
+def _layer_window(self) -> Optional[int]:
+    """The layer's sliding window (HF's ``sliding_window``: keys with ``i - j < window``), or ``None``."""
+    if hasattr(self, "sliding_window"):  # Qwen2, Gemma-2: per layer (None on full-attention layers)
+        return self.sliding_window
+    return getattr(getattr(self, "config", None), "sliding_window", None)  # Mistral: every layer
+
+
 def _key_positions(self, cache, q_pos, b):
     """The positions of every key this call sees (cached ones first), ``(Bp, Lk)``; records them on the cache."""
     if cache is None:
@@ -142,6 +179,15 @@ def _key_positions(self, cache, q_pos, b):
         prev, q_pos = prev.expand(b, -1), q_pos.expand(b, -1)
     k_pos = q_pos if prev is None else torch.cat([prev, q_pos], dim=1)
     store[self.layer_idx] = k_pos
+    return k_pos
+
+
+def _trim_positions(self, cache, k_pos, lk):
+    """A sliding-window cache keeps only its last ``lk`` keys: their positions are the last ``lk``."""
+    if k_pos.shape[1] > lk:
+        k_pos = k_pos[:, -lk:]
+        if cache is not None:
+            cache.__dict__["_fused_posenc_positions"][self.layer_idx] = k_pos
     return k_pos
 
 
@@ -164,23 +210,24 @@ def _fused_forward(self, hidden_states: torch.Tensor, position_embeddings=None, 
     if cache is not None:  # unrotated keys; (B, H, L, D) is the cache's layout
         k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
         k, v = k_all.transpose(1, 2), v_all.transpose(1, 2)
-    k_pos = _key_positions(self, cache, q_pos, b)
-    window = getattr(self, "sliding_window", None)
-    if window is not None and k.shape[1] > window:
-        raise NotImplementedError(f"sliding window {window} with {k.shape[1]} keys: fused_posenc has no sliding "
-                                  "window yet (exact only while the keys fit the window)")
+    k_pos = _trim_positions(self, cache, _key_positions(self, cache, q_pos, b), k.shape[1])
+    window = _layer_window(self)
+    softcap = getattr(self, "attn_logit_softcapping", None)
     scale = getattr(self, "scaling", None)
-    if attention_mask is None:
+    padded = self.__dict__.get("_fused_posenc_state", {}).get("padded")
+    if attention_mask is None or padded is False:  # HF's mask is only the causal / sliding rule: the kernels' own
         out = fused_attention(q, k, v, enc, causal=True, softmax_scale=scale, q_positions=q_pos,
-                              k_positions=k_pos, backend=self.fused_posenc_backend)
+                              k_positions=k_pos, backend=self.fused_posenc_backend,
+                              window_size=(-1, -1) if window is None else (window - 1, -1), softcap=softcap)
     else:
-        out = _masked_fallback(self, q, k, v, enc, q_pos, k_pos, attention_mask, scale)
+        out = _masked_fallback(self, q, k, v, enc, q_pos, k_pos, attention_mask, scale, softcap)
     out = self.o_proj(out.reshape(b, t, -1).contiguous())
     return out, None
 
 
-def _masked_fallback(self, q, k, v, enc, q_pos, k_pos, mask, scale):
-    """With an attention mask: rotate by apply_rotary (exact angles) and run SDPA with the mask."""
+def _masked_fallback(self, q, k, v, enc, q_pos, k_pos, mask, scale, softcap=None):
+    """With an attention mask: rotate by apply_rotary (exact angles) and run SDPA with the mask (soft-capped
+    scores: the same computation in plain PyTorch, as HF's eager attention does it)."""
     if enc.name not in ("rope", "hope", "fope", "none"):
         raise NotImplementedError(f"an attention mask (padding) with encoding {enc.name!r}: no fallback yet; "
                                   "use unpadded batches")
@@ -195,6 +242,10 @@ def _masked_fallback(self, q, k, v, enc, q_pos, k_pos, mask, scale):
         scale = 1.0 / math.sqrt(d)
     if mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask[..., : k.shape[1]], scale=scale)
-    return out.transpose(1, 2)
+    mask = mask[..., : k.shape[1]]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
+    s = softcap * torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap)
+    s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    return (torch.softmax(s.float(), -1).to(v.dtype) @ v).transpose(1, 2)

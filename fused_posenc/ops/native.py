@@ -54,13 +54,16 @@ def _param_args(kp, cos_coef, sin_coef, device):
 # cache never meets the tracer; the ops find the encoding by its ``id`` (encodings/base.py encoding_by_id).
 # Learnable tensors (FoPE's coefficients, ALiBi's slopes) are op inputs; empty tensors stand for "the encoding's own
 # (frozen) values". The ops have no derivative of their own: NativeAttention is the autograd layer.
-def _launch_fwd(q, k, v, q_pos, k_pos, causal, scale, enc_args):
-    """The binding itself, with a flat encoding argument list (scripts/fuzz_native.py feeds it bad inputs)."""
-    return _ext().forward(q, k, v, q_pos, k_pos, causal, scale, *enc_args)
+def _launch_fwd(q, k, v, q_pos, k_pos, causal, window_left, window_right, softcap, scale, enc_args):
+    """The binding itself, with a flat encoding argument list (scripts/fuzz_native.py feeds it bad inputs).
+    ``window_left``/``window_right``: the window's bounds, -1 for unbounded; ``softcap``: 0.0 for none."""
+    return _ext().forward(q, k, v, q_pos, k_pos, causal, window_left, window_right, softcap, scale, *enc_args)
 
 
-def _launch_bwd(do, q, k, v, out, lse, q_pos, k_pos, causal, scale, enc_args, want_coef, want_slopes):
-    return _ext().backward(do, q, k, v, out, lse, q_pos, k_pos, causal, scale, *enc_args, want_coef, want_slopes)
+def _launch_bwd(do, q, k, v, out, lse, q_pos, k_pos, causal, window_left, window_right, softcap, scale, enc_args,
+                want_coef, want_slopes):
+    return _ext().backward(do, q, k, v, out, lse, q_pos, k_pos, causal, window_left, window_right, softcap, scale,
+                           *enc_args, want_coef, want_slopes)
 
 
 def _kernel_args(enc_id: int, q, k, cos_coef, sin_coef, slopes) -> list:
@@ -79,17 +82,19 @@ def _kernel_args(enc_id: int, q, k, cos_coef, sin_coef, slopes) -> list:
 @torch.library.custom_op("fused_posenc::native_forward", mutates_args=())
 def native_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                    cos_coef: torch.Tensor, sin_coef: torch.Tensor, slopes: torch.Tensor, enc_id: int, causal: bool,
+                   window_left: int, window_right: int, softcap: float,
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``fused_posenc._C.forward``: ``out (B, Lq, H, Dv)`` in q's dtype and ``lse (B, H, Lq)`` (float32; float64
     for float64 inputs on CPU). The lse is the backward's: ALiBi's on ``cpu`` is relative to each query's nearest
     visible key (``encodings/alibi.py``). ``cos_coef``/``sin_coef`` ``(H, Dk, P)``, ``slopes`` ``(Bs, H)`` float32
-    override the encoding's own values when not empty."""
-    return tuple(_launch_fwd(q, k, v, q_pos, k_pos, causal, scale, _kernel_args(enc_id, q, k, cos_coef, sin_coef,
-                                                                                 slopes)))
+    override the encoding's own values when not empty. ``window_left``/``window_right``: the sliding window's
+    bounds (-1: unbounded), ``softcap``: the scores' soft cap (0.0: none), as ``Problem.window`` / ``softcap``."""
+    return tuple(_launch_fwd(q, k, v, q_pos, k_pos, causal, window_left, window_right, softcap, scale,
+                             _kernel_args(enc_id, q, k, cos_coef, sin_coef, slopes)))
 
 
 @native_forward.register_fake
-def _(q, k, v, q_pos, k_pos, cos_coef, sin_coef, slopes, enc_id, causal, scale):
+def _(q, k, v, q_pos, k_pos, cos_coef, sin_coef, slopes, enc_id, causal, window_left, window_right, softcap, scale):
     b, lq, h, _ = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 and q.device.type == "cpu" else torch.float32
     return q.new_empty(b, lq, h, v.shape[3]), q.new_empty(b, h, lq, dtype=lse_dtype)
@@ -98,19 +103,20 @@ def _(q, k, v, q_pos, k_pos, cos_coef, sin_coef, slopes, enc_id, causal, scale):
 @torch.library.custom_op("fused_posenc::native_backward", mutates_args=())
 def native_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                     lse: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, cos_coef: torch.Tensor,
-                    sin_coef: torch.Tensor, slopes: torch.Tensor, enc_id: int, causal: bool, scale: float,
-                    want_coef: bool, want_slopes: bool) -> list[torch.Tensor]:
+                    sin_coef: torch.Tensor, slopes: torch.Tensor, enc_id: int, causal: bool, window_left: int,
+                    window_right: int, softcap: float, scale: float, want_coef: bool,
+                    want_slopes: bool) -> list[torch.Tensor]:
     """``fused_posenc._C.backward``: ``[dq, dk, dv, dcos_coef, dsin_coef, dslopes]``; the coefficient gradients
     ``(H, Dk, P)`` float32 only for FoPE with ``want_coef``, the slopes' ``(B, H)`` float32 only for ALiBi with
     ``want_slopes``, else empty tensors."""
-    r = _launch_bwd(do, q, k, v, out, lse, q_pos, k_pos, causal, scale,
+    r = _launch_bwd(do, q, k, v, out, lse, q_pos, k_pos, causal, window_left, window_right, softcap, scale,
                     _kernel_args(enc_id, q, k, cos_coef, sin_coef, slopes), want_coef, want_slopes)
     return [q.new_empty(0, dtype=torch.float32) if x is None else x for x in r]  # (returns may not alias)
 
 
 @native_backward.register_fake
-def _(do, q, k, v, out, lse, q_pos, k_pos, cos_coef, sin_coef, slopes, enc_id, causal, scale, want_coef,
-      want_slopes):
+def _(do, q, k, v, out, lse, q_pos, k_pos, cos_coef, sin_coef, slopes, enc_id, causal, window_left, window_right,
+      softcap, scale, want_coef, want_slopes):
     coef = want_coef and cos_coef.numel() > 0
     dcoef = [q.new_empty(cos_coef.shape if coef else (0,), dtype=torch.float32) for _ in range(2)]
     slope = want_slopes and slopes.numel() > 0
@@ -122,19 +128,23 @@ def _(do, q, k, v, out, lse, q_pos, k_pos, cos_coef, sin_coef, slopes, enc_id, c
 class NativeAttention(torch.autograd.Function):
     """Inputs: q, k, v; FoPE's learnable coefficients expanded to ``(H, Dk, P)`` float32, ALiBi's learnable slopes
     ``(Bs, H)`` float32 (else empty tensors: the encoding's own values); positions ``(Bp, L)`` int64;
-    the encoding, causal, the score scale, whether to return the lse too."""
+    the encoding, causal, the window ``(left, right)`` (-1: unbounded side; ``(-1, -1)``: none), the soft cap (0.0:
+    none), the score scale, whether to return the lse too."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cos_coef, sin_coef, slopes, q_pos, k_pos, enc, causal, scale, return_lse):
-        out, lse = native_forward(q, k, v, q_pos, k_pos, cos_coef, sin_coef, slopes, id(enc), causal, scale)
+    def forward(ctx, q, k, v, cos_coef, sin_coef, slopes, q_pos, k_pos, enc, causal, window, softcap, scale,
+                return_lse):
+        out, lse = native_forward(q, k, v, q_pos, k_pos, cos_coef, sin_coef, slopes, id(enc), causal, window[0],
+                                  window[1], softcap, scale)
         ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, cos_coef, sin_coef, slopes)
         ctx.enc = enc  # alive until the backward (a temporary ALiBi(slopes=t) would be gone by then)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.window, ctx.softcap, ctx.scale = causal, window, softcap, scale
         if not return_lse:
             return out
         ctx.set_materialize_grads(False)
         public = lse.clone()
-        if enc.name == "alibi" and q.device.type == "cpu":  # the cpu lse is relative to the nearest visible key
+        # the cpu lse is relative to the nearest visible key (visible by the causal rule only: Plan::aref)
+        if enc.name == "alibi" and q.device.type == "cpu":
             public = public - enc.lse_shift(q_pos, k_pos, causal, q.shape[2], q.shape[0]).to(public.dtype)
         return out, public
 
@@ -146,6 +156,7 @@ class NativeAttention(torch.autograd.Function):
         want_slopes = ctx.needs_input_grad[5]
         run = functools.partial(native_backward, q=q, k=k, lse=lse, q_pos=q_pos, k_pos=k_pos, cos_coef=cos_coef,
                                 sin_coef=sin_coef, slopes=slopes, enc_id=id(ctx.enc), causal=ctx.causal,
+                                window_left=ctx.window[0], window_right=ctx.window[1], softcap=ctx.softcap,
                                 scale=ctx.scale, want_coef=want_coef, want_slopes=want_slopes)
         parts, dv = [], None
         if do is not None:
@@ -164,7 +175,7 @@ class NativeAttention(torch.autograd.Function):
             dslopes = dslopes.sum(0, keepdim=True) if slopes.shape[0] == 1 else dslopes
         else:
             dslopes = None
-        return dq, dk, dv, dA, dB, dslopes, None, None, None, None, None, None
+        return dq, dk, dv, dA, dB, dslopes, None, None, None, None, None, None, None, None
 
 
 def lse_grad_pass(run, q, v, dlse, upstream_dtype=None):
@@ -208,5 +219,7 @@ def native_attention(problem, name: str = "cpu") -> torch.Tensor:
     q_pos, k_pos = p.q_pos.contiguous(), p.k_pos.contiguous()
     if k_pos is q_pos:  # one tensor for both (self-attention): torch.compile traces no duplicate Function inputs
         k_pos = k_pos.clone()
-    return NativeAttention.apply(p.q, p.k, p.v, cos_coef, sin_coef, slopes, q_pos, k_pos, enc, p.causal, scale,
-                                 p.return_lse)
+    window = (-1, -1) if p.window is None else (int(p.window[0]), int(p.window[1]))
+    softcap = 0.0 if p.softcap is None else float(p.softcap)
+    return NativeAttention.apply(p.q, p.k, p.v, cos_coef, sin_coef, slopes, q_pos, k_pos, enc, p.causal, window,
+                                 softcap, scale, p.return_lse)

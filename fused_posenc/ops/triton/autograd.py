@@ -10,7 +10,7 @@ from ...encodings.base import encoding_by_id
 from ..autograd_util import PerEncodingCache, single_backward
 from ..native import lse_grad_pass
 from ...backends.common import learnable_slopes
-from .bounds import causal_bounds
+from .bounds import tile_bounds
 from .bwd import attn_bwd
 from .fwd import attn_fwd
 from .plan import Plan, make_plan
@@ -46,24 +46,39 @@ def _plan_of(enc_id: int, q, k, scale: float, fope_learnable: bool) -> Plan:
 def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tcq: torch.Tensor, tsq: torch.Tensor,
                    tck: torch.Tensor, tsk: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                    k_lengths: torch.Tensor, enc_id: int, scale: float, causal: bool, default_pos: bool,
-                   fope_learnable: bool, num_splits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                   fope_learnable: bool, num_splits: int = 1, k_left: bool = False, window_left: int = -1,
+                   window_right: int = -1, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``out (B, Lq, H, Dv)`` in q's dtype, ``lse (B, H, Lq)`` float32 (log2 domain). FoPE tables ``(Bt, rows, Ht,
-    P)`` float32 for the query and key rows, or empty tensors; ``k_lengths (B,)`` int32 (key padding) or empty;
-    ``num_splits``: key ranges run by separate programs and merged (flash-decoding)."""
+    P)`` float32 for the query and key rows, or empty tensors; ``k_lengths (B,)`` int32 (key padding; ``k_left``:
+    they count the last keys) or empty; ``num_splits``: key ranges run by separate programs and merged
+    (flash-decoding); the window's sides (-1: unbounded, both: no window) and the softcap (0: none)."""
     plan = _plan_of(enc_id, q, k, scale, fope_learnable)
     inline = stream_mode(plan) == "inline" or not plan.rotation
     q_tab = None if _opt(tcq) is None else (tcq, tsq)
     k_tab = None if _opt(tck) is None else (tck, tsk)
     k_arg = k if inline else rotate_tensor(k, k_pos, plan, plan.k_heads_rot, default_pos, nheads=q.shape[2],
                                            tables=k_tab)
-    bounds = causal_bounds(q_pos, k_pos) if causal and not default_pos else None  # tile skipping
+    window, cap = _mask(window_left, window_right, softcap)
+    bounds = _bounds(q_pos, k_pos, causal, window, default_pos)
     return attn_fwd(q, k_arg, v, q_pos, k_pos, plan, causal, default_pos, rotate_k=inline, q_tables=q_tab,
-                    bounds=bounds, k_lengths=_opt(k_lengths), num_splits=num_splits)
+                    bounds=bounds, k_lengths=_opt(k_lengths), num_splits=num_splits, k_left=k_left, window=window,
+                    softcap=cap)
+
+
+def _mask(window_left: int, window_right: int, softcap: float):
+    """The custom ops' scalars back to ``Problem``'s ``window`` and ``softcap``."""
+    window = None if window_left < 0 and window_right < 0 else (window_left, window_right)
+    return window, (softcap if softcap > 0 else None)
+
+
+def _bounds(q_pos, k_pos, causal: bool, window, default_pos: bool):
+    """Tile ranges for caller-given positions under the causal rule or a window (``bounds.py``), else ``None``."""
+    return tile_bounds(q_pos, k_pos, causal, window) if (causal or window is not None) and not default_pos else None
 
 
 @triton_forward.register_fake
 def _(q, k, v, tcq, tsq, tck, tsk, q_pos, k_pos, k_lengths, enc_id, scale, causal, default_pos, fope_learnable,
-      num_splits=1):
+      num_splits=1, k_left=False, window_left=-1, window_right=-1, softcap=0.0):
     b, lq, h, _ = q.shape
     return q.new_empty(b, lq, h, v.shape[3]), q.new_empty(b, h, lq, dtype=torch.float32)
 
@@ -72,7 +87,8 @@ def _(q, k, v, tcq, tsq, tck, tsk, q_pos, k_pos, k_lengths, enc_id, scale, causa
 def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                     lse: torch.Tensor, tcq: torch.Tensor, tsq: torch.Tensor, tck: torch.Tensor, tsk: torch.Tensor,
                     q_pos: torch.Tensor, k_pos: torch.Tensor, k_lengths: torch.Tensor, enc_id: int, scale: float,
-                    causal: bool, default_pos: bool, fope_learnable: bool, slope_grad: bool) -> list[torch.Tensor]:
+                    causal: bool, default_pos: bool, fope_learnable: bool, slope_grad: bool, k_left: bool = False,
+                    window_left: int = -1, window_right: int = -1, softcap: float = 0.0) -> list[torch.Tensor]:
     """``[dq, dk, dv, dtcq, dtsq, dtck, dtsk, dslopes]``: the table gradients in the tables' shapes (learnable
     FoPE), ``dslopes (B, H)`` float32 (``slope_grad``), else empty tensors."""
     plan = _plan_of(enc_id, q, k, scale, fope_learnable)
@@ -84,11 +100,12 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         lq, lk = q.shape[1], k.shape[1]
         q_rot = rotate_tensor(q, q_pos, plan, q.shape[2], default_pos, pos_offset=lk - lq, tables=q_tab)
         k_rot = rotate_tensor(k, k_pos, plan, plan.k_heads_rot, default_pos, nheads=q.shape[2], tables=k_tab)
-    bounds = causal_bounds(q_pos, k_pos) if causal and not default_pos else None
+    window, cap = _mask(window_left, window_right, softcap)
+    bounds = _bounds(q_pos, k_pos, causal, window, default_pos)
     dq, dk, dv, tabs, dslopes = attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan, causal, default_pos,
                                          rotate_stream=inline, q_rot=q_rot, k_rot=k_rot, q_tables=q_tab,
                                          k_tables=k_tab, slope_grad=slope_grad, bounds=bounds,
-                                         k_lengths=_opt(k_lengths))
+                                         k_lengths=_opt(k_lengths), k_left=k_left, window=window, softcap=cap)
     tab_grads = [q.new_empty(0, dtype=torch.float32) for _ in range(4)]
     if tabs is not None:  # per-row, per-query-head table gradients -> the tables' own shapes
         tab_grads = [_reduce_table_grad(g, t) for g, t in zip(tabs, (tcq, tsq, tck, tsk))]
@@ -97,7 +114,7 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 
 @triton_backward.register_fake
 def _(do, q, k, v, out, lse, tcq, tsq, tck, tsk, q_pos, k_pos, k_lengths, enc_id, scale, causal, default_pos,
-      fope_learnable, slope_grad):
+      fope_learnable, slope_grad, k_left=False, window_left=-1, window_right=-1, softcap=0.0):
     tabs = fope_learnable and tcq.numel() > 0
     tab_grads = [q.new_empty(t.shape if tabs else (0,), dtype=torch.float32) for t in (tcq, tsq, tck, tsk)]
     dslopes = q.new_empty((q.shape[0], q.shape[2]) if slope_grad else (0,), dtype=torch.float32)
@@ -109,17 +126,19 @@ class TritonAttention(torch.autograd.Function):
     float32 for the query and key rows (empty tensors for other encodings); ALiBi slopes ``(Bs, H)`` when their
     gradient is wanted (the kernels read the plan's detached copy of the same values; else an empty tensor);
     positions (Bp, L) int64; key lengths (B,) int32 or an empty tensor; the encoding, the score scale, causal,
-    default positions, FoPE learnable, return the lse, the key splits of the forward (flash-decoding)."""
+    default positions, FoPE learnable, return the lse, the key splits of the forward (flash-decoding), and the
+    masking scalars ``(k_left, window_left, window_right, softcap)`` of the custom ops."""
 
     @staticmethod
     def forward(ctx, q, k, v, tcq, tsq, tck, tsk, slopes, q_pos, k_pos, k_lengths, enc, scale, causal, default_pos,
-                fope_learnable, return_lse, num_splits=1):
+                fope_learnable, return_lse, num_splits=1, masking=(False, -1, -1, 0.0)):
         out, lse = triton_forward(q, k, v, tcq, tsq, tck, tsk, q_pos, k_pos, k_lengths, id(enc), scale, causal,
-                                  default_pos, fope_learnable, num_splits)
+                                  default_pos, fope_learnable, num_splits, *masking)
         ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, k_lengths, tcq, tsq, tck, tsk)
         ctx.slopes_batch = slopes.shape[0] if slopes.numel() else None
         ctx.enc = enc  # alive until the backward
         ctx.args = (scale, causal, default_pos, fope_learnable)
+        ctx.masking = masking
         if not return_lse:
             return out
         ctx.set_materialize_grads(False)
@@ -134,7 +153,7 @@ class TritonAttention(torch.autograd.Function):
 
         def run(do, v, out):
             return triton_backward(do, q, k, v, out, lse, tcq, tsq, tck, tsk, q_pos, k_pos, k_lengths, id(ctx.enc),
-                                   *ctx.args, slope_grad)
+                                   *ctx.args, slope_grad, *ctx.masking)
 
         parts, dv = [], None
         if do is not None:
@@ -146,7 +165,7 @@ class TritonAttention(torch.autograd.Function):
         if slope_grad and ctx.slopes_batch == 1:  # (B, H) -> the slopes' (1, H)
             dslopes = dslopes.sum(0, keepdim=True)
         grads = [g if ctx.needs_input_grad[3 + i] and g.numel() else None for i, g in enumerate(tabs)]
-        return (dq, dk, dv, *grads, dslopes if slope_grad else None, *([None] * 10))
+        return (dq, dk, dv, *grads, dslopes if slope_grad else None, *([None] * 11))
 
 
 def _reduce_table_grad(g, table):
@@ -189,5 +208,7 @@ def triton_attention(p, num_splits: int = 1) -> torch.Tensor:
     if k_pos is q_pos:
         k_pos = k_pos.clone()
     k_lengths = torch.empty(0, device=p.q.device, dtype=torch.int32) if p.k_lengths is None else p.k_lengths
+    left, right = p.window if p.window is not None else (-1, -1)
+    masking = (p.k_padding_left, left, right, p.softcap or 0.0)
     return TritonAttention.apply(p.q, p.k, p.v, *tables, slopes, q_pos, k_pos, k_lengths, enc, scale, p.causal,
-                                 p.default_positions, learnable, p.return_lse, num_splits)
+                                 p.default_positions, learnable, p.return_lse, num_splits, masking)

@@ -1,18 +1,21 @@
-"""Causal tile bounds for caller-given positions, computed on the device (no host sync).
+"""Tile bounds for caller-given positions under the causal rule and a sliding window, computed on the device
+(no host sync).
 
-With default positions the causal rule ``k_pos[n] <= q_pos[m]`` is ``n <= m + (Lk - Lq)`` and the kernels derive
-their loop bounds from the block index. With caller-given positions (Hugging Face models always pass
-``position_ids``) they cannot, so this pre-pass summarises the positions in chunks of ``CHUNK`` rows (every
-block size is a multiple of it):
+With default positions the visible keys of a query block follow from the block index and the kernels derive their
+loop bounds themselves. With caller-given positions (Hugging Face models always pass ``position_ids``) they cannot,
+so this pre-pass summarises the positions in chunks of ``CHUNK`` rows (every block size is a multiple of it). Key
+``n`` is visible to query ``m`` iff ``q_pos[m] - left <= k_pos[n] <= q_pos[m] + right``, where the causal rule is
+``right = 0`` and an unbounded side is ``None``:
 
-* ``kend[b, c]``: the keys a query chunk ``c`` can see form the prefix ``[0, kend)`` when the row's key positions
-  ascend (``searchsorted(k_pos[b], max of the chunk's query positions, right=True)``); ``Lk`` otherwise.
-* ``qstart[b, c]``: the queries that can see key chunk ``c`` form the suffix ``[qstart, Lq)`` when the row's query
-  positions ascend (``searchsorted(q_pos[b], min of the chunk's key positions)``); 0 otherwise.
+* ``krange[b, :, c] = (begin, end)``: the keys a query chunk ``c`` can see lie in ``[begin, end)`` when the row's key
+  positions ascend (``searchsorted`` of the chunk's smallest query position minus ``left`` and of its largest plus
+  ``right``); ``(0, Lk)`` otherwise.
+* ``qrange[b, :, c] = (begin, end)``: the queries that can see key chunk ``c`` lie in ``[begin, end)`` when the row's
+  query positions ascend; ``(0, Lq)`` otherwise.
 
-The forward and dq kernels loop over ``[0, max kend of the block's chunks)``, the dk/dv kernel over
-``[min qstart of its chunks, Lq)``; the per-element causal mask stays, so the bounds only skip tiles that would be
-all masked, and a row order that does not ascend merely skips nothing.
+The forward and dq kernels loop over the union of their chunks' key ranges, the dk/dv kernel over the union of its
+query ranges; the per-element mask stays, so the bounds only skip tiles that would be all masked, and a row order
+that does not ascend merely skips nothing.
 """
 from __future__ import annotations
 
@@ -40,17 +43,36 @@ def _ascending(pos: torch.Tensor) -> torch.Tensor:
     return (pos[:, 1:] >= pos[:, :-1]).all(1, keepdim=True)
 
 
-def causal_bounds(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(kend (Bb, ceil(Lq/16)), qstart (Bb, ceil(Lk/16)))`` int32 for ``q_pos (Bq, Lq)``, ``k_pos (Bk, Lk)`` int64,
-    ``Bb = max(Bq, Bk)``; see the module docstring."""
+def window_sides(causal: bool, window):
+    """``(left, right)`` of the visibility rule (``None``: unbounded), the causal rule folded in as ``right = 0``."""
+    left, right = window if window is not None else (-1, -1)
+    left = None if left < 0 else left
+    right = 0 if causal else (None if right < 0 else right)
+    return left, right
+
+
+def tile_bounds(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, window=None):
+    """``(krange (Bb, 2, ceil(Lq/16)), qrange (Bb, 2, ceil(Lk/16)))`` int32 for ``q_pos (Bq, Lq)``, ``k_pos (Bk, Lk)``
+    int64, ``Bb = max(Bq, Bk)``, under ``causal`` and ``window`` ``(left, right)`` (-1: unbounded) or ``None``; see
+    the module docstring."""
+    left, right = window_sides(causal, window)
     bb = max(q_pos.shape[0], k_pos.shape[0])
     qp = q_pos.expand(bb, -1).contiguous()
     kp = k_pos.expand(bb, -1).contiguous()
-    lk = kp.shape[1]
-    qmax = _chunked(qp, _I64_MIN, "max")  # (Bb, nq)
-    kmin = _chunked(kp, _I64_MAX, "min")  # (Bb, nk)
-    kend = torch.searchsorted(kp, qmax, right=True)
-    kend = torch.where(_ascending(kp), kend, torch.full_like(kend, lk))
-    qstart = torch.searchsorted(qp, kmin, right=False)
-    qstart = torch.where(_ascending(qp), qstart, torch.zeros_like(qstart))
-    return kend.to(torch.int32).contiguous(), qstart.to(torch.int32).contiguous()
+    lq, lk = qp.shape[1], kp.shape[1]
+    qmin, qmax = _chunked(qp, _I64_MAX, "min"), _chunked(qp, _I64_MIN, "max")  # (Bb, nq)
+    kmin, kmax = _chunked(kp, _I64_MAX, "min"), _chunked(kp, _I64_MIN, "max")  # (Bb, nk)
+
+    def first(sorted_pos, bound, size):  # index of the first position >= bound; 0 when unbounded
+        return torch.zeros_like(bound) if size is None else torch.searchsorted(sorted_pos, bound - size)
+
+    def end(sorted_pos, bound, size, n):  # index past the last position <= bound; n when unbounded
+        if size is None:
+            return torch.full_like(bound, n)
+        return torch.searchsorted(sorted_pos, bound + size, right=True)
+
+    krange = torch.stack([first(kp, qmin, left), end(kp, qmax, right, lk)], 1)  # (Bb, 2, nq)
+    krange = torch.where(_ascending(kp)[:, :, None], krange, torch.tensor([0, lk], device=kp.device)[None, :, None])
+    qrange = torch.stack([first(qp, kmin, right), end(qp, kmax, left, lq)], 1)  # (Bb, 2, nk)
+    qrange = torch.where(_ascending(qp)[:, :, None], qrange, torch.tensor([0, lq], device=qp.device)[None, :, None])
+    return krange.to(torch.int32).contiguous(), qrange.to(torch.int32).contiguous()

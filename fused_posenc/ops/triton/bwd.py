@@ -7,9 +7,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .fwd import bounds_args, dot_precision, enc_args, table_strides
-from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, causal_key_end, causal_query_start, head_layout, load_encoded, load_part, part_dots, positions,
-                    program_ids, rotate, rotate_back, rotation_tables, score_grads, scores_log2, store_part, visible)
+from .fwd import bounds_args, dot_precision, enc_args, mask_args, table_strides
+from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, head_layout, key_range, key_span, load_encoded, load_part, part_dots,
+                    positions, program_ids, query_range, rotate, rotate_back, rotation_tables, score_grads, scores_log2,
+                    store_part, visible, window_key_range, window_query_range)
 from .plan import Plan, interpreter
 from .tuning import configs, pruner
 
@@ -33,7 +34,7 @@ def attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, st
 
 
 _KEY = ["BLOCK_P1", "BLOCK_P2", "BLOCK_DV", "ENC", "CAUSAL", "ROTATE_STREAM", "DEFAULT_POS", "GATHER", "HAS_KLEN",
-        "DTYPE_KEY"]
+        "KLEN_LEFT", "WINDOW", "SOFTCAP", "DTYPE_KEY"]
 
 
 @triton.autotune(configs=configs("dkdv", ("BLOCK_N", "BLOCK_M")), prune_configs_by=pruner("dkdv", ("BLOCK_N", "BLOCK_M")),
@@ -50,16 +51,17 @@ def attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvt, stride_dvh, stride_dvd,
     stride_qpos_b, stride_kpos_b, stride_slope_b, stride_tab_b, stride_tab_t,
     LQ, LK, H, HKV, Q_GROUP, TAB_GROUP, P1, P2, DV, q_pos_offset,
-    scale, phase, alpha, BOUNDS, stride_bounds_b, N_BOUNDS,
+    scale, phase, alpha, BOUNDS, stride_bounds_b, N_BOUNDS, win_l, win_r, softcap,
     ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr, HAS_KLEN: tl.constexpr,
-    ROTATE_STREAM: tl.constexpr, FOPE_GRAD: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
+    KLEN_LEFT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ROTATE_STREAM: tl.constexpr, FOPE_GRAD: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
     """One block of keys of one kv head; loops over the query heads of its group and all query blocks.
 
     Q is the raw q (``ROTATE_STREAM``) or q pre-rotated per query head; K, V, DK, DV are per kv head. Keys past
-    ``KLEN[b]`` (``HAS_KLEN``: key padding) take no part and get zero gradients.
+    ``KLEN[b]`` (``HAS_KLEN``: key padding; ``KLEN_LEFT``: keys before ``LK - KLEN[b]``) take no part and get zero
+    gradients.
     """
     pid_n, pid_bh = program_ids(LK, BLOCK_N)
     i_b = pid_bh // HKV
@@ -67,10 +69,10 @@ def attn_bwd_dkdv_kernel(
     i_b64 = i_b.to(tl.int64)
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_store = o_n < LK
-    n_end = LK
-    if HAS_KLEN:
-        n_end = tl.load(KLEN + i_b)
+    n_beg, n_end = key_span(KLEN, i_b, LK, HAS_KLEN, KLEN_LEFT)
     m_n = o_n < n_end
+    if KLEN_LEFT:
+        m_n = m_n & (o_n >= n_beg)
     o_p1, m_p1, o_p2, m_p2, o_d1, o_d2, o_dv, m_dv = head_layout(IDX1, IDX2, P1, P2, DV, GATHER, BLOCK_P1, BLOCK_P2,
                                                                  BLOCK_DV)
     ROTATION: tl.constexpr = (ENC == ENC_ROTARY) or (ENC == ENC_FOPE)
@@ -88,14 +90,20 @@ def attn_bwd_dkdv_kernel(
     b_dk2 = tl.zeros([BLOCK_N, BLOCK_P2], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
+    # the queries [lo, hi) that can see a key of this block (causal rule, window)
     lo = 0
+    hi = LQ
     if CAUSAL and DEFAULT_POS:
         # queries whose position reaches this block's first key
         lo = tl.maximum(pid_n * BLOCK_N - q_pos_offset, 0) // BLOCK_M * BLOCK_M
-    if CAUSAL and not DEFAULT_POS:
-        lo = causal_query_start(BOUNDS + i_b64 * stride_bounds_b, pid_n, N_BOUNDS, LQ, BLOCK_N, BLOCK_M)
-    if HAS_KLEN:
-        lo = tl.where(pid_n * BLOCK_N < n_end, lo, LQ)  # a block of padding keys: nothing to loop over
+    if WINDOW and DEFAULT_POS:
+        w_lo, w_hi = window_query_range(pid_n * BLOCK_N, (pid_n + 1) * BLOCK_N, LQ, q_pos_offset, win_l, win_r, BLOCK_M)
+        lo = tl.maximum(lo, w_lo)
+        hi = tl.minimum(hi, w_hi)
+    if (CAUSAL or WINDOW) and not DEFAULT_POS:
+        lo, hi = query_range(BOUNDS + i_b64 * stride_bounds_b, pid_n, N_BOUNDS, LQ, BLOCK_N, BLOCK_M)
+    if HAS_KLEN:  # a block of padding keys: nothing to loop over
+        lo = tl.where((pid_n * BLOCK_N < n_end) & ((pid_n + 1) * BLOCK_N > n_beg), lo, LQ)
     for g in range(0, Q_GROUP):
         i_h = i_hk * Q_GROUP + g
         b_kr1 = b_k1
@@ -115,7 +123,7 @@ def attn_bwd_dkdv_kernel(
         p_delta = DELTA + (i_b64 * H + i_h) * LQ
         b_dkr1 = tl.zeros([BLOCK_N, BLOCK_P1], dtype=tl.float32)
         b_dkr2 = tl.zeros([BLOCK_N, BLOCK_P2], dtype=tl.float32)
-        for start_m in range(lo, LQ, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             o_m = start_m + tl.arange(0, BLOCK_M)
             m_m = o_m < LQ
             pos_m = positions(QPOS + i_b64 * stride_qpos_b, o_m, m_m, q_pos_offset, DEFAULT_POS)
@@ -128,12 +136,13 @@ def attn_bwd_dkdv_kernel(
             b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf"))
             b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
             b_d1, b_d2 = part_dots(b_q1, b_q2, b_kr1, b_kr2, ENC, PREC)
-            b_s = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, phase, alpha, ENC, FAST)
-            b_p = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL), tl.exp2(b_s - b_lse[:, None]), 0.0)
+            b_s, b_t = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, phase, alpha, softcap, ENC, FAST, SOFTCAP)
+            b_p = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL, WINDOW, win_l, win_r), tl.exp2(b_s - b_lse[:, None]),
+                           0.0)
             b_dv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, b_dv, input_precision=PREC)
             b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)  # [BM, BN]
             b_ds = b_p * (b_dp - b_delta[:, None])
-            b_g1, b_g2 = score_grads(b_ds, b_d1, b_d2, pos_m, pos_n, scale, phase, alpha, ENC, FAST)
+            b_g1, b_g2 = score_grads(b_ds, b_t, b_d1, b_d2, pos_m, pos_n, scale, phase, alpha, ENC, FAST, SOFTCAP)
             b_dkr1 = tl.dot(tl.trans(b_g1.to(b_q1.dtype)), b_q1, b_dkr1, input_precision=PREC)
             b_dkr2 = tl.dot(tl.trans(b_g2.to(b_q2.dtype)), b_q2, b_dkr2, input_precision=PREC)
         if ROTATION:
@@ -172,9 +181,9 @@ def attn_bwd_dq_kernel(
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
     stride_qpos_b, stride_kpos_b, stride_slope_b, stride_tab_b, stride_tab_t,
     LQ, LK, H, KV_GROUP, K_GROUP, TAB_GROUP, P1, P2, DV, q_pos_offset,
-    scale, phase, alpha, BOUNDS, stride_bounds_b, N_BOUNDS,
+    scale, phase, alpha, BOUNDS, stride_bounds_b, N_BOUNDS, win_l, win_r, softcap,
     ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr, HAS_KLEN: tl.constexpr,
-    ROTATE_STREAM: tl.constexpr, FOPE_GRAD: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
+    KLEN_LEFT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ROTATE_STREAM: tl.constexpr, FOPE_GRAD: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
     BLOCK_DV: tl.constexpr, SLOPE_GRAD: tl.constexpr = False,
 ):
@@ -217,31 +226,37 @@ def attn_bwd_dq_kernel(
     b_dq1 = tl.zeros([BLOCK_M, BLOCK_P1], dtype=tl.float32)
     b_dq2 = tl.zeros([BLOCK_M, BLOCK_P2], dtype=tl.float32)
     b_dslope = tl.zeros([BLOCK_M], dtype=tl.float32)
+    lo = 0
     hi = LK
     if CAUSAL and DEFAULT_POS:
         hi = tl.minimum(LK, tl.maximum((pid_m + 1) * BLOCK_M + q_pos_offset, 0))
-    if CAUSAL and not DEFAULT_POS:
-        hi = causal_key_end(BOUNDS + i_b64 * stride_bounds_b, pid_m, N_BOUNDS, BLOCK_M)
-    n_end = LK
-    if HAS_KLEN:
-        n_end = tl.load(KLEN + i_b)
-        hi = tl.minimum(hi, n_end)
-    for start_n in range(0, hi, BLOCK_N):
+    if WINDOW and DEFAULT_POS:
+        w_lo, w_hi = window_key_range(pid_m * BLOCK_M, (pid_m + 1) * BLOCK_M, LK, q_pos_offset, win_l, win_r, BLOCK_N)
+        lo = w_lo
+        hi = tl.minimum(hi, w_hi)
+    if (CAUSAL or WINDOW) and not DEFAULT_POS:
+        lo, hi = key_range(BOUNDS + i_b64 * stride_bounds_b, pid_m, N_BOUNDS, LK, BLOCK_M, BLOCK_N)
+    n_beg, n_end = key_span(KLEN, i_b, LK, HAS_KLEN, KLEN_LEFT)
+    lo = tl.maximum(lo, n_beg // BLOCK_N * BLOCK_N)
+    hi = tl.minimum(hi, n_end)
+    for start_n in range(lo, hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < n_end
+        if KLEN_LEFT:  # left padding: the row's keys start at n_beg
+            m_n = m_n & (o_n >= n_beg)
         pos_n = positions(KPOS + i_b64 * stride_kpos_b, o_n, m_n, 0, DEFAULT_POS)
         b_k1, b_k2 = load_encoded(p_k, o_n, m_n, o_d1, m_p1, o_d2, m_p2, stride_kt, stride_kd, pos_n, i_h,
                                   FREQ, FSCALE, p_tc, p_ts, stride_tab_t, TAB_GROUP, o_p1, m_p1, P1, ENC, ROTATE_STREAM)
         b_v = tl.load(p_v + o_n[:, None].to(tl.int64) * stride_vt + o_dv[None, :] * stride_vd,
                       mask=m_n[:, None] & m_dv[None, :], other=0.0)
         b_d1, b_d2 = part_dots(b_qr1, b_qr2, b_k1, b_k2, ENC, PREC)
-        b_s = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, phase, alpha, ENC, FAST)
-        b_p = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL), tl.exp2(b_s - b_lse[:, None]), 0.0)
+        b_s, b_t = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, phase, alpha, softcap, ENC, FAST, SOFTCAP)
+        b_p = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL, WINDOW, win_l, win_r), tl.exp2(b_s - b_lse[:, None]), 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
         b_ds = b_p * (b_dp - b_delta[:, None])
         if SLOPE_GRAD:
             b_dslope += tl.sum(b_ds * tl.abs(pos_m[:, None] - pos_n[None, :]).to(tl.float32), 1)
-        b_g1, b_g2 = score_grads(b_ds, b_d1, b_d2, pos_m, pos_n, scale, phase, alpha, ENC, FAST)
+        b_g1, b_g2 = score_grads(b_ds, b_t, b_d1, b_d2, pos_m, pos_n, scale, phase, alpha, ENC, FAST, SOFTCAP)
         b_dq1 = tl.dot(b_g1.to(b_k1.dtype), b_k1, b_dq1, input_precision=PREC)
         b_dq2 = tl.dot(b_g2.to(b_k2.dtype), b_k2, b_dq2, input_precision=PREC)
 
@@ -263,15 +278,15 @@ def attn_bwd_dq_kernel(
 
 def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool,
              rotate_stream: bool, q_rot=None, k_rot=None, q_tables=None, k_tables=None, slope_grad: bool = False,
-             bounds=None, k_lengths=None):
+             bounds=None, k_lengths=None, k_left: bool = False, window=None, softcap=None):
     """Launch the backward kernels.
 
     ``q_rot`` (B, Lq, H, D) and ``k_rot`` (B, Lk, Hk', D) are the pre-rotated streaming operands
     (used when ``rotate_stream`` is False). Returns ``dq, dk, dv`` and, for learnable FoPE, the table
     gradients ``(dC, dS)`` of shape (B, rows, H, P) for the queries and the keys (else ``None``), and
     ALiBi's ``dL/dslopes`` ``(B, H)`` float32 when ``slope_grad`` (else ``None``).
-    ``q_tables``/``k_tables``: FoPE ``(cos, sin)`` tables of the query and key rows; ``bounds``, ``k_lengths``: as
-    for ``attn_fwd``.
+    ``q_tables``/``k_tables``: FoPE ``(cos, sin)`` tables of the query and key rows; ``bounds``, ``k_lengths``,
+    ``k_left``, ``window``, ``softcap``: as for ``attn_fwd``.
     """
     b, lq, h, d = q.shape
     lk, hkv, dv = v.shape[1], v.shape[2], v.shape[3]
@@ -292,7 +307,9 @@ def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, defa
     pos_strides = (q_pos.stride(0) if q_pos.shape[0] > 1 else 0, k_pos.stride(0) if k_pos.shape[0] > 1 else 0,
                    plan.slope_stride_b)
     klen = plan.idx1 if k_lengths is None else k_lengths
+    mask_scalars, mask_flags = mask_args(window, softcap)
     common = dict(ENC=plan.enc, CAUSAL=causal, DEFAULT_POS=default_pos, GATHER=plan.gather, HAS_KLEN=k_lengths is not None,
+                  KLEN_LEFT=k_left, **mask_flags,
                   ROTATE_STREAM=rotate_stream, FOPE_GRAD=fope_grad, PREC=dot_precision(q.dtype),
                   DTYPE_KEY=str(q.dtype), FAST=not interpreter(), BLOCK_P1=plan.block_p1, BLOCK_P2=plan.block_p2, BLOCK_DV=block_dv,
 )
@@ -304,13 +321,14 @@ def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, defa
         q_stream, k, v, do, lse, delta, dk, dv_, tabs[2], tabs[3], q_pos, k_pos, plan.idx1, plan.idx2, klen,
         *enc_args(plan, k_tables), *q_stream.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         *dv_.stride(), *pos_strides, kt_b, kt_t, lq, lk, h, hkv, h // hkv, kt_group, *scalars,
-        *bounds_args(plan.idx1 if bounds is None else bounds[1], bounds is not None), **common)
+        *bounds_args(plan.idx1 if bounds is None else bounds[1], bounds is not None), *mask_scalars, **common)
     slope_grad = slope_grad and plan.enc == 3
     dslope = torch.empty(b, h, lq, device=q.device, dtype=torch.float32) if slope_grad else delta
     attn_bwd_dq_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)](
         q, k_stream, v, do, lse, delta, dq, tabs[0], tabs[1], dslope, q_pos, k_pos, plan.idx1, plan.idx2, klen,
         *enc_args(plan, q_tables), *q.stride(), *k_stream.stride(), *v.stride(), *do.stride(), *dq.stride(),
         *pos_strides, qt_b, qt_t, lq, lk, h, h // hkv, h // k_stream.shape[2], qt_group, *scalars,
-        *bounds_args(plan.idx1 if bounds is None else bounds[0], bounds is not None), **common, SLOPE_GRAD=slope_grad)
+        *bounds_args(plan.idx1 if bounds is None else bounds[0], bounds is not None), *mask_scalars, **common,
+        SLOPE_GRAD=slope_grad)
     tables = (tabs[0], tabs[1], tabs[2], tabs[3]) if fope_grad else None
     return dq, dk, dv_, tables, (dslope.sum(-1) if slope_grad else None)

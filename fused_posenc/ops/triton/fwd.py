@@ -7,15 +7,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .hooks import (ENC_ALIBI, causal_key_end, head_layout, load_encoded, part_dots, positions, program_ids, scores_log2,
-                    visible)
+from .hooks import (ENC_ALIBI, head_layout, key_range, key_span, load_encoded, part_dots, positions, program_ids,
+                    scores_log2, visible, window_key_range)
 from .plan import Plan, interpreter
 from .tuning import configs, pruner
 
 
 @triton.autotune(configs=configs("fwd", ("BLOCK_M", "BLOCK_N")), prune_configs_by=pruner("fwd", ("BLOCK_M", "BLOCK_N")),
                  key=["BLOCK_P1", "BLOCK_P2", "BLOCK_DV", "ENC", "CAUSAL", "ROTATE_K", "DEFAULT_POS", "GATHER",
-                      "HAS_KLEN", "DTYPE_KEY"])
+                      "HAS_KLEN", "KLEN_LEFT", "WINDOW", "SOFTCAP", "DTYPE_KEY"])
 @triton.jit
 def attn_fwd_kernel(
     Q, K, V, O, LSE, QPOS, KPOS, IDX1, IDX2, KLEN,
@@ -26,9 +26,9 @@ def attn_fwd_kernel(
     stride_ob, stride_ot, stride_oh, stride_od, stride_os, stride_lse_s,
     stride_qpos_b, stride_kpos_b, stride_slope_b, stride_tab_b, stride_tab_t,
     LQ, LK, H, KV_GROUP, K_GROUP, TAB_GROUP, P1, P2, DV, q_pos_offset,
-    scale, phase, alpha, BOUNDS, stride_bounds_b, N_BOUNDS, N_SPLITS, SPLIT_LEN,
+    scale, phase, alpha, BOUNDS, stride_bounds_b, N_BOUNDS, N_SPLITS, SPLIT_LEN, win_l, win_r, softcap,
     ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr,
-    HAS_KLEN: tl.constexpr, ROTATE_K: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
+    HAS_KLEN: tl.constexpr, KLEN_LEFT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ROTATE_K: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
@@ -63,27 +63,37 @@ def attn_fwd_kernel(
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
+    # the keys [lo, hi) this program visits: its split's, the row's (key padding), and those the causal rule and the
+    # window leave to the block (from the block index with default positions, else from bounds.py's ranges)
+    lo = i_s * SPLIT_LEN
     hi = LK
     if CAUSAL and DEFAULT_POS:
         # keys n <= largest query position of this block
         hi = tl.minimum(LK, tl.maximum((pid_m + 1) * BLOCK_M + q_pos_offset, 0))
-    if CAUSAL and not DEFAULT_POS:
-        hi = causal_key_end(BOUNDS + i_b64 * stride_bounds_b, pid_m, N_BOUNDS, BLOCK_M)
-    lo = i_s * SPLIT_LEN
-    n_end = tl.minimum(LK, lo + SPLIT_LEN)  # keys of this split (key padding: and of this batch row)
-    if HAS_KLEN:
-        n_end = tl.minimum(n_end, tl.load(KLEN + i_b))
+    if WINDOW and DEFAULT_POS:
+        w_lo, w_hi = window_key_range(pid_m * BLOCK_M, (pid_m + 1) * BLOCK_M, LK, q_pos_offset, win_l, win_r, BLOCK_N)
+        lo = tl.maximum(lo, w_lo)
+        hi = tl.minimum(hi, w_hi)
+    if (CAUSAL or WINDOW) and not DEFAULT_POS:
+        b_lo, b_hi = key_range(BOUNDS + i_b64 * stride_bounds_b, pid_m, N_BOUNDS, LK, BLOCK_M, BLOCK_N)
+        lo = tl.maximum(lo, b_lo)
+        hi = tl.minimum(hi, b_hi)
+    n_beg, n_end = key_span(KLEN, i_b, LK, HAS_KLEN, KLEN_LEFT)
+    n_end = tl.minimum(n_end, i_s * SPLIT_LEN + SPLIT_LEN)
+    lo = tl.maximum(lo, n_beg // BLOCK_N * BLOCK_N)
     hi = tl.minimum(hi, n_end)
     for start_n in range(lo, hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < n_end
+        if KLEN_LEFT:  # left padding: the row's keys start at n_beg
+            m_n = m_n & (o_n >= n_beg)
         pos_n = positions(KPOS + i_b64 * stride_kpos_b, o_n, m_n, 0, DEFAULT_POS)
         # rotating keys inline is only offered for RoPE/HoPE (FoPE keys are always pre-rotated)
         b_k1, b_k2 = load_encoded(p_k, o_n, m_n, o_d1, m_p1, o_d2, m_p2, stride_kt, stride_kd, pos_n, i_h,
                                   FREQ, FSCALE, p_tc, p_ts, stride_tab_t, TAB_GROUP, o_p1, m_p1, P1, ENC, ROTATE_K)
         b_d1, b_d2 = part_dots(b_q1, b_q2, b_k1, b_k2, ENC, PREC)
-        b_s = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, phase, alpha, ENC, FAST)  # [BM, BN]
-        b_s = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL), b_s, float("-inf"))
+        b_s, _ = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, phase, alpha, softcap, ENC, FAST, SOFTCAP)  # [BM, BN]
+        b_s = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL, WINDOW, win_l, win_r), b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         b_m_use = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows that saw no key yet
         b_p = tl.exp2(b_s - b_m_use[:, None])
@@ -125,20 +135,30 @@ def table_strides(plan: Plan, tables, nheads: int):
 
 
 def bounds_args(t: torch.Tensor, used: bool):
-    """``(pointer, batch stride, chunks)`` of a causal-bounds tensor (``bounds.py``), or of a placeholder."""
+    """``(pointer, batch stride, chunks)`` of a ``(Bb, 2, chunks)`` range tensor (``bounds.py``), or of a
+    placeholder."""
     if not used:
         return t, 0, 0
-    return t, (t.stride(0) if t.shape[0] > 1 else 0), t.shape[1]
+    return t, (t.stride(0) if t.shape[0] > 1 else 0), t.shape[2]
+
+
+def mask_args(window, softcap):
+    """``(win_l, win_r, softcap)`` kernel scalars and ``(WINDOW, SOFTCAP)`` flags. A window side of 2^31 or more
+    is unbounded (-1): every position difference is below 2^31."""
+    wl, wr = window if window is not None else (-1, -1)
+    wl, wr = (-1 if w >= 2**31 - 1 else int(w) for w in (wl, wr))
+    return (wl, wr, float(softcap or 0.0)), dict(WINDOW=window is not None, SOFTCAP=softcap is not None)
 
 
 def attn_fwd(q, k, v, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool, rotate_k: bool, q_tables=None,
-             bounds=None, k_lengths=None, num_splits: int = 1):
+             bounds=None, k_lengths=None, num_splits: int = 1, k_left: bool = False, window=None, softcap=None):
     """Launch the forward kernel.
 
     q: (B, Lq, H, D); k: (B, Lk, Hk, D) (raw, or pre-rotated when ``rotate_k`` is False);
-    v: (B, Lk, Hkv, Dv); q_pos/k_pos: (Bp, L) int64; ``bounds``: ``bounds.causal_bounds`` of the positions
-    (causal with caller-given positions; else ``None``); ``k_lengths`` (B,) int32: only keys ``n < k_lengths[b]``
-    take part (or ``None``). ``num_splits > 1`` (flash-decoding): the keys are cut into that many ranges, one
+    v: (B, Lk, Hkv, Dv); q_pos/k_pos: (Bp, L) int64; ``bounds``: ``bounds.tile_bounds`` of the positions
+    (causal or windowed with caller-given positions; else ``None``); ``k_lengths`` (B,) int32: only keys
+    ``n < k_lengths[b]`` take part (``k_left``: ``n >= Lk - k_lengths[b]``), or ``None``; ``window`` ``(left,
+    right)`` or ``None``, ``softcap`` ``float`` or ``None``: as ``Problem``'s. ``num_splits > 1`` (flash-decoding): the keys are cut into that many ranges, one
     program per (query block, head, range), and the partial results are merged here through their log-sum-exps.
     Returns ``out (B, Lq, H, Dv)``, ``lse (B, H, Lq)`` (float32, log2 domain, +inf for rows that see no key).
     """
@@ -161,6 +181,7 @@ def attn_fwd(q, k, v, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool,
 
     tab_b, tab_t, tab_group = table_strides(plan, q_tables, h)
     kend = plan.idx1 if bounds is None else bounds[0]
+    mask_scalars, mask_flags = mask_args(window, softcap)
     attn_fwd_kernel[grid](
         q, k, v, out, lse, q_pos, k_pos, plan.idx1, plan.idx2, plan.idx1 if k_lengths is None else k_lengths,
         *enc_args(plan, q_tables), *q.stride(), *k.stride(), *v.stride(), *o_strides, *split_strides,
@@ -168,8 +189,8 @@ def attn_fwd(q, k, v, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool,
         plan.slope_stride_b, tab_b, tab_t,
         lq, lk, h, h // hkv, h // k.shape[2], tab_group, plan.p1, plan.p2, dv, lk - lq,
         plan.scale, plan.phase, plan.alpha, *bounds_args(kend, bounds is not None), num_splits, split_len,
-        ENC=plan.enc, CAUSAL=causal, DEFAULT_POS=default_pos, GATHER=plan.gather, HAS_KLEN=k_lengths is not None,
-        ROTATE_K=rotate_k,
+        *mask_scalars, ENC=plan.enc, CAUSAL=causal, DEFAULT_POS=default_pos, GATHER=plan.gather,
+        HAS_KLEN=k_lengths is not None, KLEN_LEFT=k_left, ROTATE_K=rotate_k, **mask_flags,
         PREC=dot_precision(q.dtype), DTYPE_KEY=str(q.dtype), FAST=not interpreter(),
         BLOCK_P1=plan.block_p1, BLOCK_P2=plan.block_p2, BLOCK_DV=triton.next_power_of_2(max(dv, 16)),
     )

@@ -191,25 +191,59 @@ def tapa_omega(pos_m, pos_n, phase, alpha, FAST: tl.constexpr):
 
 
 @triton.jit
-def scores_log2(d1, d2, pos_m, pos_n, scale, slope, phase, alpha, ENC: tl.constexpr, FAST: tl.constexpr):
-    """Scores in log2 units (``score * log2(e)``) from the part dots."""
-    if ENC == ENC_TAPA:
-        s = (d1 * (scale * LOG2E)) * fast_cos(tapa_omega(pos_m, pos_n, phase, alpha, FAST) * d2, FAST)
+def tanh(x, FAST: tl.constexpr):
+    """``tanh(x)`` in float32: libdevice's on the GPU; under the interpreter (which has no libdevice) an odd
+    polynomial near 0 and ``(1 - e) / (1 + e)``, ``e = exp(-2|x|)``, elsewhere (both within a few ulp)."""
+    if FAST:
+        t = libdevice.tanh(x)
     else:
-        s = d1 * (scale * LOG2E)
-        if ENC == ENC_ALIBI:
-            dist = tl.abs(pos_m[:, None] - pos_n[None, :]).to(tl.float32)
-            s = s - (slope * LOG2E) * dist
-    return s
+        a = tl.abs(x)
+        e = tl.exp2(a * (-2.0 * LOG2E))
+        big = (1.0 - e) / (1.0 + e)
+        x2 = x * x
+        small = a * (1.0 + x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315 + x2 * (62.0 / 2835)))))
+        t = tl.where(x < 0, -1.0, 1.0) * tl.where(a < 0.3, small, big)
+    return t
 
 
 @triton.jit
-def score_grads(ds, d1, d2, pos_m, pos_n, scale, phase, alpha, ENC: tl.constexpr, FAST: tl.constexpr):
-    """Gradients w.r.t. the two part dots from ``ds = dL/dscore``.
+def scores_log2(d1, d2, pos_m, pos_n, scale, slope, phase, alpha, softcap, ENC: tl.constexpr, FAST: tl.constexpr,
+                SOFTCAP: tl.constexpr):
+    """Scores in log2 units (``score * log2(e)``) from the part dots, and ``t``: with ``SOFTCAP`` the cap's
+    ``tanh(s / softcap)`` (its derivative is ``1 - t^2``), else ``s`` itself (unused). The encoding's score ``s``
+    (scale applied) is capped, ALiBi's bias is added after."""
+    if ENC == ENC_TAPA:
+        s = (d1 * scale) * fast_cos(tapa_omega(pos_m, pos_n, phase, alpha, FAST) * d2, FAST)
+        if SOFTCAP:
+            t = tanh(s / softcap, FAST)
+            s = t * (softcap * LOG2E)
+        else:
+            s = s * LOG2E
+            t = s
+    else:
+        if SOFTCAP:
+            t = tanh(d1 * (scale / softcap), FAST)
+            s = t * (softcap * LOG2E)
+        else:
+            s = d1 * (scale * LOG2E)
+            t = s
+        if ENC == ENC_ALIBI:
+            dist = tl.abs(pos_m[:, None] - pos_n[None, :]).to(tl.float32)
+            s = s - (slope * LOG2E) * dist
+    return s, t
+
+
+@triton.jit
+def score_grads(ds, t, d1, d2, pos_m, pos_n, scale, phase, alpha, ENC: tl.constexpr, FAST: tl.constexpr,
+                SOFTCAP: tl.constexpr):
+    """Gradients w.r.t. the two part dots from ``ds = dL/dscore`` (``t``: from :func:`scores_log2`; the cap's
+    derivative ``1 - t^2`` comes first).
 
     Dot-based scores: both are ``ds * scale``. TAPA (``score = scale d1 cos(omega d2)``):
     ``(ds scale cos(psi), -ds scale d1 sin(psi) omega)``.
     """
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
     if ENC == ENC_TAPA:
         omega = tapa_omega(pos_m, pos_n, phase, alpha, FAST)
         psi = omega * d2
@@ -222,26 +256,67 @@ def score_grads(ds, d1, d2, pos_m, pos_n, scale, phase, alpha, ENC: tl.constexpr
 
 
 @triton.jit
-def causal_key_end(p_kend, pid_m, n_chunks, BLOCK_M: tl.constexpr):
-    """End of the keys query block ``pid_m`` can see under the causal rule with caller-given positions: the
-    largest ``kend`` of its 16-row chunks (``bounds.py``; ``Lk`` when the key positions do not ascend)."""
+def key_range(p_krange, pid_m, n_chunks, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys ``[lo, hi)`` query block ``pid_m`` can see under the causal rule and the window with caller-given
+    positions: the union of its 16-row chunks' ranges (``bounds.py``; lo rounded down to a whole ``BLOCK_N``)."""
     o_c = pid_m * (BLOCK_M // 16) + tl.arange(0, BLOCK_M // 16)
-    return tl.max(tl.load(p_kend + o_c, mask=o_c < n_chunks, other=0), 0)
+    m_c = o_c < n_chunks
+    lo = tl.min(tl.load(p_krange + o_c, mask=m_c, other=LK), 0) // BLOCK_N * BLOCK_N
+    hi = tl.max(tl.load(p_krange + n_chunks + o_c, mask=m_c, other=0), 0)
+    return lo, hi
 
 
 @triton.jit
-def causal_query_start(p_qstart, pid_n, n_chunks, LQ, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """First query (rounded down to a whole ``BLOCK_M``) that can see a key of block ``pid_n`` under the causal
-    rule with caller-given positions: the smallest ``qstart`` of its 16-key chunks (0 when the query positions
-    do not ascend)."""
+def query_range(p_qrange, pid_n, n_chunks, LQ, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Queries ``[lo, hi)`` that can see a key of block ``pid_n`` (the union of its 16-key chunks' ranges; lo
+    rounded down to a whole ``BLOCK_M``)."""
     o_c = pid_n * (BLOCK_N // 16) + tl.arange(0, BLOCK_N // 16)
-    return tl.min(tl.load(p_qstart + o_c, mask=o_c < n_chunks, other=LQ), 0) // BLOCK_M * BLOCK_M
+    m_c = o_c < n_chunks
+    lo = tl.min(tl.load(p_qrange + o_c, mask=m_c, other=LQ), 0) // BLOCK_M * BLOCK_M
+    hi = tl.max(tl.load(p_qrange + n_chunks + o_c, mask=m_c, other=0), 0)
+    return lo, hi
 
 
 @triton.jit
-def visible(pos_m, pos_n, m_m, m_n, CAUSAL: tl.constexpr):
-    """``[BM, BN]`` mask of the (query, key) pairs that take part in the softmax."""
+def window_key_range(m0, m1, LK, q_pos_offset, win_l, win_r, BLOCK_N: tl.constexpr):
+    """Default positions (query ``m`` at ``m + q_pos_offset``, key ``n`` at ``n``): the keys ``[lo, hi)`` that
+    queries ``[m0, m1)`` can see in the window ``(win_l, win_r)`` (-1: unbounded), lo a whole ``BLOCK_N``."""
+    lo = tl.where(win_l >= 0, tl.maximum(m0.to(tl.int64) + q_pos_offset - win_l, 0), 0)
+    hi = tl.where(win_r >= 0, tl.minimum(m1.to(tl.int64) + q_pos_offset + win_r, LK), LK)
+    return (lo // BLOCK_N * BLOCK_N).to(tl.int32), tl.maximum(hi, 0).to(tl.int32)
+
+
+@triton.jit
+def window_query_range(n0, n1, LQ, q_pos_offset, win_l, win_r, BLOCK_M: tl.constexpr):
+    """Default positions: the queries ``[lo, hi)`` that can see keys ``[n0, n1)`` in the window."""
+    lo = tl.where(win_r >= 0, tl.maximum(n0.to(tl.int64) - q_pos_offset - win_r, 0), 0)
+    hi = tl.where(win_l >= 0, tl.minimum(n1.to(tl.int64) - q_pos_offset + win_l, LQ), LQ)
+    return (lo // BLOCK_M * BLOCK_M).to(tl.int32), tl.maximum(hi, 0).to(tl.int32)
+
+
+@triton.jit
+def key_span(p_klen, i_b, LK, HAS_KLEN: tl.constexpr, KLEN_LEFT: tl.constexpr):
+    """Keys ``[begin, end)`` of batch row ``i_b`` that take part: all, or (key padding) the first ``KLEN[b]`` /
+    with ``KLEN_LEFT`` the last ``KLEN[b]``."""
+    begin = 0
+    end = LK
+    if HAS_KLEN:
+        n = tl.load(p_klen + i_b)
+        if KLEN_LEFT:
+            begin = LK - n
+        else:
+            end = n
+    return begin, end
+
+
+@triton.jit
+def visible(pos_m, pos_n, m_m, m_n, CAUSAL: tl.constexpr, WINDOW: tl.constexpr = False, win_l=-1, win_r=-1):
+    """``[BM, BN]`` mask of the (query, key) pairs that take part in the softmax: in range, the causal rule
+    ``k_pos <= q_pos``, and the window ``q_pos - win_l <= k_pos <= q_pos + win_r`` (-1: unbounded side)."""
     mask = m_m[:, None] & m_n[None, :]
     if CAUSAL:
         mask = mask & (pos_n[None, :] <= pos_m[:, None])
+    if WINDOW:
+        d = pos_m[:, None] - pos_n[None, :]  # |d| < 2^31: positions in [-2^30, 2^30)
+        mask = mask & ((win_l < 0) | (d <= win_l)) & ((win_r < 0) | (-d <= win_r))
     return mask
