@@ -31,9 +31,8 @@ sys.path.insert(0, ROOT)
 from fused_posenc import apply_rotary, fused_attention_varlen, fused_attention_with_kvcache  # noqa: E402
 from fused_posenc.bench import environment  # noqa: E402
 
-HEADER = ["kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20", "p80", "config", "gpu", "torch", "triton",
-          "commit"]
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from long_format import md_table, write_csv  # noqa: E402
 
 def _timed(fn, repeats: int, device) -> tuple:
     """(p50, p20, p80) milliseconds of ``fn()`` after two warm-up calls."""
@@ -50,6 +49,15 @@ def _timed(fn, repeats: int, device) -> tuple:
         times.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
     return statistics.median(times), q[1], q[7]
+
+
+def fwd_bwd(fn, grad: bool):
+    """``fn()``, and with ``grad`` the backward of its sum too, as one callable to time."""
+    def run():
+        out = fn()
+        if grad:
+            out.sum().backward()
+    return run
 
 
 def bench_decode(lengths, encodings, repeats, device, dtype):
@@ -102,11 +110,7 @@ def bench_varlen(lengths, encodings, repeats, device, dtype):
                        for hh in (h, hkv, hkv))
 
             def step(fn):
-                def run():
-                    out = fn()
-                    if grad:
-                        out.sum().backward()
-                return run
+                return fwd_bwd(fn, grad)
 
             for enc in encodings:
                 t = _timed(step(lambda: fused_attention_varlen(q, k, v, cu, cu, max(docs), max(docs), enc,
@@ -150,30 +154,16 @@ def main():
     if "varlen" in args.what:
         rows += bench_varlen(args.varlen_lengths, args.encodings, args.repeats, device, dtype)
     gpu = env.get("gpu", "cpu")
-    with open(out + ".csv", "w") as f:
-        f.write(",".join(HEADER) + "\n")
-        for enc, prov, mode, x, (p50, p20, p80), config in rows:
-            f.write(",".join(str(c) for c in (enc, prov, mode, "time", "ms", x, f"{p50:.4f}", f"{p20:.4f}",
-                                              f"{p80:.4f}", f'"{config}"', gpu, env.get("torch", ""),
-                                              env.get("triton", ""), env.get("commit", ""))) + "\n")
+    write_csv(out + ".csv", rows, env)
     with open(out + ".md", "w") as f:
         f.write(f"# Decoding and packed batches on {gpu}\n\n`python benchmarks/bench_sequences.py "
                 f"{' '.join(sys.argv[1:])}`; torch {env.get('torch')}, triton {env.get('triton')}, commit "
                 f"{env.get('commit')}. Median of {args.repeats} calls (ms); p20-p80 in the CSV.\n\n")
         for what in ("decode", "fwd", "fwd+bwd"):
             sel = [r for r in rows if r[2] == what]
-            if not sel:
-                continue
-            xs = sorted({r[3] for r in sel})
-            cols = sorted({(r[0], r[1]) for r in sel}, key=lambda c: (c[1] != "rotate+sdpa" and
-                                                                      c[1] != "loop-rotate+sdpa", c))
-            title = "decode step, one token per row (cache length)" if what == "decode" else f"varlen {what} (tokens)"
-            f.write(f"## {title}\n\n| {'length':>7} | " + " | ".join(f"{e} {p}" for e, p in cols) + " |\n")
-            f.write("|---:|" + "---:|" * len(cols) + "\n")
-            for x in xs:
-                vals = {(r[0], r[1]): r[4][0] for r in sel if r[3] == x}
-                f.write(f"| {x} | " + " | ".join(f"{vals[c]:.3f}" if c in vals else "" for c in cols) + " |\n")
-            f.write("\n")
+            if sel:
+                title = "decode step, one token per row (cache length)" if what == "decode" else f"varlen {what} (tokens)"
+                f.write(md_table(sel, title, baselines=("rotate+sdpa", "loop-rotate+sdpa")))
     print(f"wrote {out}.csv and {out}.md")
 
 

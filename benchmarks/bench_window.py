@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_sequences import HEADER, _timed  # noqa: E402
+from bench_sequences import _timed, fwd_bwd  # noqa: E402
+from long_format import md_table, write_csv  # noqa: E402
 from fused_posenc import apply_rotary, fused_attention  # noqa: E402
 from fused_posenc.bench import environment  # noqa: E402
 
@@ -44,11 +45,7 @@ def bench(lengths, window, encodings, repeats, device, dtype, modes):
                        for hh in (h, hkv, hkv))
 
             def step(fn):
-                def run():
-                    out = fn()
-                    if grad:
-                        out.sum().backward()
-                return run
+                return fwd_bwd(fn, grad)
 
             for enc in encodings:
                 for prov, ws in (("fused-window", (window - 1, -1)), ("fused-causal", (-1, -1))):
@@ -86,27 +83,15 @@ def main():
     env = environment(args.device)
     rows = bench(args.lengths, args.window, args.encodings, args.repeats, device, dtype, args.modes)
     gpu = env.get("gpu", "cpu")
-    with open(out + ".csv", "w") as f:
-        f.write(",".join(HEADER) + "\n")
-        for enc, prov, mode, x, (p50, p20, p80), config in rows:
-            f.write(",".join(str(c) for c in (enc, prov, mode, "time", "ms", x, f"{p50:.4f}", f"{p20:.4f}",
-                                              f"{p80:.4f}", f'"{config}"', gpu, env.get("torch", ""),
-                                              env.get("triton", ""), env.get("commit", ""))) + "\n")
+    write_csv(out + ".csv", rows, env)
     with open(out + ".md", "w") as f:
         f.write(f"# Sliding window {args.window} on {gpu}\n\n`python benchmarks/bench_window.py "
                 f"{' '.join(sys.argv[1:])}`; torch {env.get('torch')}, triton {env.get('triton')}, commit "
                 f"{env.get('commit')}. Median of {args.repeats} calls (ms); p20-p80 in the CSV. Causal, batch 1, "
                 "8 heads (2 kv), headdim 64.\n\n")
         for mode in args.modes:
-            sel = [r for r in rows if r[2] == mode]
-            xs = sorted({r[3] for r in sel})
-            cols = sorted({(r[0], r[1]) for r in sel}, key=lambda c: (c[1] != "rotate+sdpa-mask", c))
-            f.write(f"## {mode} (sequence length)\n\n| length | " + " | ".join(f"{e} {p}" for e, p in cols) + " |\n")
-            f.write("|---:|" + "---:|" * len(cols) + "\n")
-            for x in xs:
-                vals = {(r[0], r[1]): r[4][0] for r in sel if r[3] == x}
-                f.write(f"| {x} | " + " | ".join(f"{vals[c]:.2f}" if c in vals else "" for c in cols) + " |\n")
-            f.write("\n")
+            f.write(md_table([r for r in rows if r[2] == mode], f"{mode} (sequence length)",
+                             baselines=("rotate+sdpa-mask",), digits=2))
     print(f"wrote {out}.csv and {out}.md")
 
 

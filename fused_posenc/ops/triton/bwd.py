@@ -8,9 +8,9 @@ import triton
 import triton.language as tl
 
 from .fwd import bounds_args, dot_precision, enc_args, mask_args, table_strides
-from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, head_layout, key_range, key_span, load_encoded, load_part, part_dots,
-                    positions, program_ids, query_range, rotate, rotate_back, rotation_tables, score_grads, scores_log2,
-                    store_part, visible, window_key_range, window_query_range)
+from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, block_key_range, block_query_range, head_layout, key_span,
+                    load_encoded, load_part, part_dots, positions, program_ids, rotate, rotate_back, rotation_tables,
+                    score_grads, scores_log2, store_part, visible)
 from .plan import Plan, interpreter
 from .tuning import configs, pruner
 
@@ -91,17 +91,8 @@ def attn_bwd_dkdv_kernel(
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     # the queries [lo, hi) that can see a key of this block (causal rule, window)
-    lo = 0
-    hi = LQ
-    if CAUSAL and DEFAULT_POS:
-        # queries whose position reaches this block's first key
-        lo = tl.maximum(pid_n * BLOCK_N - q_pos_offset, 0) // BLOCK_M * BLOCK_M
-    if WINDOW and DEFAULT_POS:
-        w_lo, w_hi = window_query_range(pid_n * BLOCK_N, (pid_n + 1) * BLOCK_N, LQ, q_pos_offset, win_l, win_r, BLOCK_M)
-        lo = tl.maximum(lo, w_lo)
-        hi = tl.minimum(hi, w_hi)
-    if (CAUSAL or WINDOW) and not DEFAULT_POS:
-        lo, hi = query_range(BOUNDS + i_b64 * stride_bounds_b, pid_n, N_BOUNDS, LQ, BLOCK_N, BLOCK_M)
+    lo, hi = block_query_range(BOUNDS + i_b64 * stride_bounds_b, pid_n, N_BOUNDS, LQ, q_pos_offset, win_l, win_r,
+                               CAUSAL, WINDOW, DEFAULT_POS, BLOCK_N, BLOCK_M)
     if HAS_KLEN:  # a block of padding keys: nothing to loop over
         lo = tl.where((pid_n * BLOCK_N < n_end) & ((pid_n + 1) * BLOCK_N > n_beg), lo, LQ)
     for g in range(0, Q_GROUP):
@@ -226,16 +217,8 @@ def attn_bwd_dq_kernel(
     b_dq1 = tl.zeros([BLOCK_M, BLOCK_P1], dtype=tl.float32)
     b_dq2 = tl.zeros([BLOCK_M, BLOCK_P2], dtype=tl.float32)
     b_dslope = tl.zeros([BLOCK_M], dtype=tl.float32)
-    lo = 0
-    hi = LK
-    if CAUSAL and DEFAULT_POS:
-        hi = tl.minimum(LK, tl.maximum((pid_m + 1) * BLOCK_M + q_pos_offset, 0))
-    if WINDOW and DEFAULT_POS:
-        w_lo, w_hi = window_key_range(pid_m * BLOCK_M, (pid_m + 1) * BLOCK_M, LK, q_pos_offset, win_l, win_r, BLOCK_N)
-        lo = w_lo
-        hi = tl.minimum(hi, w_hi)
-    if (CAUSAL or WINDOW) and not DEFAULT_POS:
-        lo, hi = key_range(BOUNDS + i_b64 * stride_bounds_b, pid_m, N_BOUNDS, LK, BLOCK_M, BLOCK_N)
+    lo, hi = block_key_range(BOUNDS + i_b64 * stride_bounds_b, pid_m, N_BOUNDS, LK, q_pos_offset, win_l, win_r,
+                             CAUSAL, WINDOW, DEFAULT_POS, BLOCK_M, BLOCK_N)
     n_beg, n_end = key_span(KLEN, i_b, LK, HAS_KLEN, KLEN_LEFT)
     lo = tl.maximum(lo, n_beg // BLOCK_N * BLOCK_N)
     hi = tl.minimum(hi, n_end)

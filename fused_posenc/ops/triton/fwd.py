@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .hooks import (ENC_ALIBI, head_layout, key_range, key_span, load_encoded, part_dots, positions, program_ids,
-                    scores_log2, visible, window_key_range)
+from .hooks import (ENC_ALIBI, block_key_range, head_layout, key_span, load_encoded, part_dots, positions, program_ids,
+                    scores_log2, visible)
 from .plan import Plan, interpreter
 from .tuning import configs, pruner
 
@@ -65,19 +65,9 @@ def attn_fwd_kernel(
 
     # the keys [lo, hi) this program visits: its split's, the row's (key padding), and those the causal rule and the
     # window leave to the block (from the block index with default positions, else from bounds.py's ranges)
-    lo = i_s * SPLIT_LEN
-    hi = LK
-    if CAUSAL and DEFAULT_POS:
-        # keys n <= largest query position of this block
-        hi = tl.minimum(LK, tl.maximum((pid_m + 1) * BLOCK_M + q_pos_offset, 0))
-    if WINDOW and DEFAULT_POS:
-        w_lo, w_hi = window_key_range(pid_m * BLOCK_M, (pid_m + 1) * BLOCK_M, LK, q_pos_offset, win_l, win_r, BLOCK_N)
-        lo = tl.maximum(lo, w_lo)
-        hi = tl.minimum(hi, w_hi)
-    if (CAUSAL or WINDOW) and not DEFAULT_POS:
-        b_lo, b_hi = key_range(BOUNDS + i_b64 * stride_bounds_b, pid_m, N_BOUNDS, LK, BLOCK_M, BLOCK_N)
-        lo = tl.maximum(lo, b_lo)
-        hi = tl.minimum(hi, b_hi)
+    lo, hi = block_key_range(BOUNDS + i_b64 * stride_bounds_b, pid_m, N_BOUNDS, LK, q_pos_offset, win_l, win_r,
+                             CAUSAL, WINDOW, DEFAULT_POS, BLOCK_M, BLOCK_N)
+    lo = tl.maximum(lo, i_s * SPLIT_LEN)
     n_beg, n_end = key_span(KLEN, i_b, LK, HAS_KLEN, KLEN_LEFT)
     n_end = tl.minimum(n_end, i_s * SPLIT_LEN + SPLIT_LEN)
     lo = tl.maximum(lo, n_beg // BLOCK_N * BLOCK_N)

@@ -295,6 +295,41 @@ def window_query_range(n0, n1, LQ, q_pos_offset, win_l, win_r, BLOCK_M: tl.const
 
 
 @triton.jit
+def block_key_range(p_krange, pid_m, n_chunks, LK, q_pos_offset, win_l, win_r, CAUSAL: tl.constexpr,
+                    WINDOW: tl.constexpr, DEFAULT_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys ``[lo, hi)`` query block ``pid_m`` visits: those the causal rule and the window leave it, from the block
+    index with default positions (``window_key_range``), else from ``bounds.py``'s ranges (``key_range``)."""
+    lo = 0
+    hi = LK
+    if CAUSAL and DEFAULT_POS:  # keys n <= largest query position of this block
+        hi = tl.minimum(LK, tl.maximum((pid_m + 1) * BLOCK_M + q_pos_offset, 0))
+    if WINDOW and DEFAULT_POS:
+        w_lo, w_hi = window_key_range(pid_m * BLOCK_M, (pid_m + 1) * BLOCK_M, LK, q_pos_offset, win_l, win_r, BLOCK_N)
+        lo = w_lo
+        hi = tl.minimum(hi, w_hi)
+    if (CAUSAL or WINDOW) and not DEFAULT_POS:
+        lo, hi = key_range(p_krange, pid_m, n_chunks, LK, BLOCK_M, BLOCK_N)
+    return lo, hi
+
+
+@triton.jit
+def block_query_range(p_qrange, pid_n, n_chunks, LQ, q_pos_offset, win_l, win_r, CAUSAL: tl.constexpr,
+                      WINDOW: tl.constexpr, DEFAULT_POS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Queries ``[lo, hi)`` that can see a key of block ``pid_n`` (the transpose of :func:`block_key_range`)."""
+    lo = 0
+    hi = LQ
+    if CAUSAL and DEFAULT_POS:  # queries whose position reaches this block's first key
+        lo = tl.maximum(pid_n * BLOCK_N - q_pos_offset, 0) // BLOCK_M * BLOCK_M
+    if WINDOW and DEFAULT_POS:
+        w_lo, w_hi = window_query_range(pid_n * BLOCK_N, (pid_n + 1) * BLOCK_N, LQ, q_pos_offset, win_l, win_r, BLOCK_M)
+        lo = tl.maximum(lo, w_lo)
+        hi = tl.minimum(hi, w_hi)
+    if (CAUSAL or WINDOW) and not DEFAULT_POS:
+        lo, hi = query_range(p_qrange, pid_n, n_chunks, LQ, BLOCK_N, BLOCK_M)
+    return lo, hi
+
+
+@triton.jit
 def key_span(p_klen, i_b, LK, HAS_KLEN: tl.constexpr, KLEN_LEFT: tl.constexpr):
     """Keys ``[begin, end)`` of batch row ``i_b`` that take part: all, or (key padding) the first ``KLEN[b]`` /
     with ``KLEN_LEFT`` the last ``KLEN[b]``."""
