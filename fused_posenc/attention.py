@@ -216,7 +216,9 @@ def check_softcap(softcap):
 def resolve_encoding(encoding, head_dim: int, nheads: int, device=None) -> Encoding:
     """A name or instance to an instance. A name gives one canonical instance per name (built once: backends
     cache what they derive from an encoding per instance, so a new object per call would rebuild and re-copy
-    it every call); ``"fope"`` by name is built for q's head dim and head count, once per device."""
+    it every call); ``"fope"`` by name is built for q's head dim and head count, once per device. The default
+    ``REQUIRED`` (no encoding given) raises, naming the choices."""
+    _require_encoding(encoding)
     if isinstance(encoding, str):
         key = encoding.lower()
         if key == "fope":
@@ -337,7 +339,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encod
     """
     from .reference import attention_math
 
-    p = _prepare_public(q, k, v, _require_encoding(encoding), causal, softmax_scale, q_positions, k_positions, layout,
+    p = _prepare_public(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions, layout,
                         dropout_p, window_size, softcap, k_lengths, padding_side)
     return_lse = _as_bool("return_lse", return_lse)
     res = attention_math(p.q, p.k, p.v, p.encoding, p.causal, p.softmax_scale, p.q_pos, p.k_pos,
@@ -384,7 +386,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encoding:
     """
     from .backends import select_backend
 
-    p = _prepare_public(q, k, v, _require_encoding(encoding), causal, softmax_scale, q_positions, k_positions, layout,
+    p = _prepare_public(q, k, v, encoding, causal, softmax_scale, q_positions, k_positions, layout,
                         dropout_p, window_size, softcap, k_lengths, padding_side)
     return_lse = _as_bool("return_lse", return_lse)
     if return_lse:

@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 import torch
 
-from .attention import REQUIRED, _as_bool, _require_encoding, _type_name, check_int_tensor, prepare
+from .attention import REQUIRED, _as_bool, _type_name, check_int_tensor, prepare
 from .encodings import Encoding
 from .encodings.angles import assert_values
 
@@ -125,17 +125,17 @@ def fused_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
             raise ValueError(f"k and v must have one seqlen_new, got {k.shape[1]} and {v.shape[1]}")
         new = k.shape[1]
     _check_capacity(lens, new, cache_len)
+    valid = (lens + new).to(torch.int32)  # (B,) keys each row attends to
+    lq = q.shape[1]
+    if q_positions is None:
+        q_positions = (valid.to(torch.int64) - lq)[:, None] + torch.arange(lq, device=q.device)[None]
+    # every argument checked before the cache is written: a refused call leaves it as it was
+    p = prepare(q, k_cache, v_cache, encoding, causal, softmax_scale, q_positions, k_positions, window_size, softcap)
     if new:  # the write, in place: rows lens[b] .. lens[b] + new - 1
         rows = lens.to(torch.int64)[:, None] + torch.arange(new, device=q.device)[None]  # (B, new)
         bidx = torch.arange(b, device=q.device)[:, None].expand(b, new)
         k_cache.index_put_((bidx, rows), k)
         v_cache.index_put_((bidx, rows), v)
-    valid = (lens + new).to(torch.int32)  # (B,) keys each row attends to
-    lq = q.shape[1]
-    if q_positions is None:
-        q_positions = (valid.to(torch.int64) - lq)[:, None] + torch.arange(lq, device=q.device)[None]
-    p = prepare(q, k_cache, v_cache, _require_encoding(encoding), causal, softmax_scale, q_positions, k_positions,
-                window_size, softcap)
     if num_splits == 0:
         num_splits = default_num_splits(b, q.shape[2], lq, cache_len, q.device)
     p = dataclasses.replace(p, k_lengths=valid, default_positions=False, num_splits=num_splits,

@@ -15,7 +15,7 @@ from typing import Optional, Union
 
 import torch
 
-from .attention import REQUIRED, _as_bool, _check_tensor, _require_encoding, _type_name, check_int_tensor, prepare
+from .attention import REQUIRED, _as_bool, _check_tensor, _type_name, check_int_tensor, prepare
 from .encodings import Encoding
 from .encodings.angles import assert_values
 
@@ -142,7 +142,7 @@ def fused_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         k_pos = torch.arange(max_seqlen_k, device=q.device)[None]
     else:
         k_pos = _positions_packed("k_positions", k_positions, total_k, q.device)[src_k]
-    p = prepare(qp, kp, vp, _require_encoding(encoding), causal, softmax_scale, q_pos, k_pos, window_size, softcap)
+    p = prepare(qp, kp, vp, encoding, causal, softmax_scale, q_pos, k_pos, window_size, softcap)
     p = dataclasses.replace(p, k_lengths=len_k, q_lengths=len_q, return_lse=return_lse)
     res = select_backend(backend, p).run(p)
     out_p, lse_p = res if return_lse else (res, None)

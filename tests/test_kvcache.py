@@ -134,6 +134,11 @@ def test_bad_input():
             fused_attention_with_kvcache(q, kc, vc, torch.tensor([1, 2], device="meta"))
         with pytest.raises(ValueError, match="num_splits must be >= 0"):
             fused_attention_with_kvcache(q, kc, vc, 2, num_splits=-1)
+        # refused after the cache checks: the new k/v must not have been written
+        with pytest.raises(ValueError, match="softcap must be a positive finite number"):
+            fused_attention_with_kvcache(q, kc, vc, 2, k1, v1, "rope", softcap=-1.0)
+        with pytest.raises(TypeError, match="encoding is required"):
+            fused_attention_with_kvcache(q, kc, vc, 2, k1, v1)
     with pytest.raises(ValueError, match="for inference"):
         fused_attention_with_kvcache(q.requires_grad_(), kc, vc, 2)
     assert not kc.any(), "a refused call wrote into the cache"

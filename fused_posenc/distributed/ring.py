@@ -23,7 +23,7 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-from ..attention import REQUIRED, _as_bool, _require_encoding, merge_attention_partials, resolve_encoding
+from ..attention import REQUIRED, _as_bool, merge_attention_partials, resolve_encoding
 from ..encodings import Encoding
 from .layout import LAYOUTS, shard_rows
 
@@ -194,7 +194,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, encoding: 
             raise ValueError(f"{name} must be a 4-dim tensor (batch, seqlen_local, heads, headdim)")
     if isinstance(position_offset, bool) or not isinstance(position_offset, int):
         raise TypeError(f"position_offset must be an int, got {type(position_offset).__name__}")
-    enc = resolve_encoding(_require_encoding(encoding), q.shape[3], q.shape[2], q.device)
+    enc = resolve_encoding(encoding, q.shape[3], q.shape[2], q.device)
     causal = _as_bool("causal", causal)
     q_pos = _global_positions("q_positions", q_positions, q.shape[1], ring, layout, position_offset, q.device)
     k_pos = _global_positions("k_positions", k_positions, k.shape[1], ring, layout, position_offset, q.device)
