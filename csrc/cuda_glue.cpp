@@ -40,15 +40,34 @@ void check(int err, const char* what) {
   TORCH_CHECK(err == 0, "fused_posenc CUDA ", what, " failed: ", cudaGetErrorString((cudaError_t)err));
 }
 
-// The kernels keep whole rows of the tiles in shared memory: refuse head dims this GPU cannot hold.
+// The kernels keep whole rows of the tiles in shared memory: refuse head dims this GPU cannot hold. (fp16 / bf16 with
+// max(D, Dv) <= kMaxTensorCoreHeadDim run the tensor-core kernels: 31..103 KiB forward, 36..84 KiB backward, which
+// fits sm_80 / sm_87 / sm_90 (163 / 227 KiB opt-in) but NOT the forward at padded head dim 128 on sm_86 / sm_89
+// (99 KiB opt-in): refused here, with the message below; larger head dims and fp32 run the scalar kernels, whose
+// shared memory grows with the head dim.)
 void check_smem(const CudaAttnArgs& a, bool backward) {
   int dev = 0, limit = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  TORCH_CHECK(!attention_uses_tensor_cores(a) || major >= 8, "fused_posenc CUDA: the float16 / bfloat16 kernels use ",
+              "sm_80 tensor-core instructions (mma.sync, cp.async); this GPU is sm_", major, "x; use backend='triton'");
   const size_t need = attention_smem_bytes(a, backward);
   TORCH_CHECK(need <= (size_t)limit, "fused_posenc CUDA ", backward ? "backward" : "forward", ": headdim=", a.D,
               ", headdim_v=", a.Dv, " needs ", need / 1024, " KiB of shared memory per block, this GPU allows ",
-              limit / 1024, " KiB; use backend='triton' for these head dims");
+              limit / 1024, " KiB (the tensor-core kernels take float16 / bfloat16 with head dims <= ",
+              kMaxTensorCoreHeadDim, "); use backend='triton' for these head dims");
+}
+
+// Rotary / FoPE: scratch for the prologue's encoded copies of q and k (input dtype); the tensors must outlive the
+// launch, which the caller's stack frame guarantees (the stream orders their reuse by the caching allocator).
+void encoded_scratch(CudaAttnArgs& a, const EncParams& p, const at::Tensor& q, at::Tensor& q_enc, at::Tensor& k_enc) {
+  if (!is_rotation(p.kind)) return;
+  q_enc = at::empty({a.B, a.Lq, a.H, a.D}, q.options());
+  k_enc = at::empty({a.B, a.Lk, encoded_k_heads(p.kind, a.H, a.Hkv), a.D}, q.options());
+  a.q_enc = q_enc.data_ptr();
+  a.k_enc = k_enc.data_ptr();
 }
 
 }  // namespace
@@ -64,6 +83,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& q_in, const at
   CudaAttnArgs a = base_args(q, k, v, q_pos, k_pos, causal, scale);
   a.out = out.data_ptr();
   a.lse = lse.data_ptr<float>();
+  at::Tensor q_enc, k_enc;
+  encoded_scratch(a, enc.p, q, q_enc, k_enc);
   check_smem(a, false);
   check(launch_attention_forward(a, enc.p, c10::cuda::getCurrentCUDAStream().stream()), "forward");
   return {out, lse};
@@ -104,6 +125,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_back
   a.dk_h = dk_h.data_ptr<float>();
   a.dcos = coef ? dA.data_ptr<float>() : nullptr;
   a.dsin = coef ? dB.data_ptr<float>() : nullptr;
+  at::Tensor q_enc, k_enc;
+  encoded_scratch(a, enc.p, q, q_enc, k_enc);
   check_smem(a, true);
   check(launch_attention_backward(a, enc.p, c10::cuda::getCurrentCUDAStream().stream()), "backward");
   const auto dt = q.scalar_type();

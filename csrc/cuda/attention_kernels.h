@@ -34,7 +34,20 @@ struct CudaAttnArgs {
   float* dk_h = nullptr;           // (B, Lk, H, D) fp32
   float* dcos = nullptr;           // (H, Dk, P) fp32, zeroed; null unless FoPE coefficient grads are wanted
   float* dsin = nullptr;
+  // rotary / FoPE only (forward and backward): scratch for the per-call encoded copies, input dtype, written by the
+  // prologue kernel: q_enc (B, Lq, H, D), k_enc (B, Lk, encoded_k_heads(kind, H, Hkv), D). Required when
+  // is_rotation(kind): the attention kernels read the encoded copies, never rotate per tile.
+  void* q_enc = nullptr;
+  void* k_enc = nullptr;
 };
+
+// Heads of k_enc: FoPE's tables belong to query heads (coefficients (H, Dk, P)), rotary tables to no head.
+FPE_HD int encoded_k_heads(int kind, int H, int Hkv) { return kind == ENC_FOPE ? H : Hkv; }
+
+// True when launch_attention_* runs the tensor-core kernels (fp16/bf16, max(D, Dv) <= kMaxTensorCoreHeadDim),
+// false for the scalar fp32-in-shared-memory kernels (fp32 inputs, larger head dims).
+constexpr int kMaxTensorCoreHeadDim = 128;
+bool attention_uses_tensor_cores(const CudaAttnArgs& a);
 
 // Dynamic shared memory of one block of the forward (backward = false) or backward kernel, in bytes.
 size_t attention_smem_bytes(const CudaAttnArgs& a, bool backward);

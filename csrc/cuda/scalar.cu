@@ -1,13 +1,15 @@
-// CUDA forward/backward of fused_posenc: online-softmax attention over shared-memory tiles with the
-// encodings of encoding_math.h fused in. Torch-free (raw pointers + launchers); compute in fp32.
-// Deliberately simple: 128 threads per block, BM x BN = 32 x 32 tiles, fp32 shared-memory operands.
+// The scalar path of the CUDA backend: online-softmax attention over fp32 shared-memory tiles, no tensor cores.
+// It serves fp32 inputs (no TF32: the fp32 contract is fp32 accuracy) and head dims above kMaxTensorCoreHeadDim,
+// as far as shared memory holds them (attention_smem_bytes; the glue refuses the rest, naming the limit).
+// 128 threads per block, BM x BN = 32 x 32 tiles, 1-D grid. Rotary / FoPE rows arrive pre-encoded (q_enc / k_enc
+// from prologue.cu); without them (a caller that did not set the scratch) the tiles are rotated on load.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cfloat>
 
-#include "attention_kernels.h"
+#include "launchers.h"
 
 namespace fused_posenc {
 namespace {
@@ -105,14 +107,18 @@ __global__ void fwd_kernel(CudaAttnArgs a, EncParams p) {
   __shared__ int skip;
   __shared__ long long qmax;
 
-  const int i0 = blockIdx.x * BM;
-  const int bh = blockIdx.y, b = bh / a.H, h = bh % a.H, hk = h / (a.H / a.Hkv);
+  const int nqt = (a.Lq + BM - 1) / BM;
+  const int i0 = (int)(blockIdx.x % nqt) * BM;
+  const int64_t bh = blockIdx.x / nqt;
+  const int b = (int)(bh / a.H), h = (int)(bh % a.H), hk = h / (a.H / a.Hkv);
   const int nq = min(BM, a.Lq - i0);
   const int64_t* qpos = a.q_pos + b * a.qpos_bs + i0;
   const int64_t* kpos_all = a.k_pos + b * a.kpos_bs;
   const float slope = p.kind == ENC_ALIBI ? p.slopes[(p.slopes_batch > 1 ? b : 0) * a.H + h] : 0.f;
-  const X* q = static_cast<const X*>(a.q) + (((int64_t)b * a.Lq + i0) * a.H + h) * D;
-  load_encoded<X>(p, q, (int64_t)a.H * D, nq, BM, D, qpos, h, Qs, true);
+  const bool pre = is_rotation(p.kind) && a.q_enc != nullptr;  // encoded copies from the prologue
+  const int kh = pre ? encoded_k_heads(p.kind, a.H, a.Hkv) : a.Hkv, khi = pre && p.kind == ENC_FOPE ? h : hk;
+  const X* q = static_cast<const X*>(pre ? a.q_enc : a.q) + (((int64_t)b * a.Lq + i0) * a.H + h) * D;
+  load_encoded<X>(p, q, (int64_t)a.H * D, nq, BM, D, qpos, h, Qs, !pre);
   for (int idx = threadIdx.x; idx < BM * Dv; idx += blockDim.x) acc[idx] = 0.f;
   if (threadIdx.x < BM) { m[threadIdx.x] = -INFINITY; l[threadIdx.x] = 0.f; }
   if (threadIdx.x == 0) qmax = pos_max(qpos, nq);
@@ -125,9 +131,9 @@ __global__ void fwd_kernel(CudaAttnArgs a, EncParams p) {
     const bool skipped = skip;
     __syncthreads();  // everyone has read `skip` before thread 0 may rewrite it
     if (skipped) continue;  // uniform across the block
-    const X* k = static_cast<const X*>(a.k) + (((int64_t)b * a.Lk + j0) * a.Hkv + hk) * D;
+    const X* k = static_cast<const X*>(pre ? a.k_enc : a.k) + (((int64_t)b * a.Lk + j0) * kh + khi) * D;
     const X* v = static_cast<const X*>(a.v) + (((int64_t)b * a.Lk + j0) * a.Hkv + hk) * Dv;
-    load_encoded<X>(p, k, (int64_t)a.Hkv * D, nk, BN, D, kpos, h, Ks, true);
+    load_encoded<X>(p, k, (int64_t)kh * D, nk, BN, D, kpos, h, Ks, !pre);
     load_encoded<X>(p, v, (int64_t)a.Hkv * Dv, nk, BN, Dv, kpos, h, Vs, false);
     for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
       const int i = idx / BN, j = idx % BN;
@@ -198,17 +204,21 @@ __global__ void bwd_kernel(CudaAttnArgs a, EncParams p) {
   __shared__ int skip;
   __shared__ long long kmin;
 
-  const int j0 = blockIdx.x * BN;
-  const int bh = blockIdx.y, b = bh / a.H, h = bh % a.H, hk = h / (a.H / a.Hkv);
+  const int nkt = (a.Lk + BN - 1) / BN;
+  const int j0 = (int)(blockIdx.x % nkt) * BN;
+  const int64_t bh = blockIdx.x / nkt;
+  const int b = (int)(bh / a.H), h = (int)(bh % a.H), hk = h / (a.H / a.Hkv);
   const int nk = min(BN, a.Lk - j0);
   const int64_t* kpos = a.k_pos + b * a.kpos_bs + j0;
   const int64_t* qpos_all = a.q_pos + b * a.qpos_bs;
   const float slope = p.kind == ENC_ALIBI ? p.slopes[(p.slopes_batch > 1 ? b : 0) * a.H + h] : 0.f;
   const bool tapa = p.kind == ENC_TAPA;
   const int da = tapa ? p.tapa_split : D;
-  const X* k = static_cast<const X*>(a.k) + (((int64_t)b * a.Lk + j0) * a.Hkv + hk) * D;
+  const bool pre = is_rotation(p.kind) && a.q_enc != nullptr;  // encoded copies from the prologue
+  const int kh = pre ? encoded_k_heads(p.kind, a.H, a.Hkv) : a.Hkv, khi = pre && p.kind == ENC_FOPE ? h : hk;
+  const X* k = static_cast<const X*>(pre ? a.k_enc : a.k) + (((int64_t)b * a.Lk + j0) * kh + khi) * D;
   const X* v = static_cast<const X*>(a.v) + (((int64_t)b * a.Lk + j0) * a.Hkv + hk) * Dv;
-  load_encoded<X>(p, k, (int64_t)a.Hkv * D, nk, BN, D, kpos, h, Ks, true);
+  load_encoded<X>(p, k, (int64_t)kh * D, nk, BN, D, kpos, h, Ks, !pre);
   load_encoded<X>(p, v, (int64_t)a.Hkv * Dv, nk, BN, Dv, kpos, h, Vs, false);
   for (int idx = threadIdx.x; idx < BN * D; idx += blockDim.x) dKs[idx] = 0.f;
   for (int idx = threadIdx.x; idx < BN * Dv; idx += blockDim.x) dVs[idx] = 0.f;
@@ -222,9 +232,9 @@ __global__ void bwd_kernel(CudaAttnArgs a, EncParams p) {
     const bool skipped = skip;
     __syncthreads();
     if (skipped) continue;
-    const X* q = static_cast<const X*>(a.q) + (((int64_t)b * a.Lq + i0) * a.H + h) * D;
+    const X* q = static_cast<const X*>(pre ? a.q_enc : a.q) + (((int64_t)b * a.Lq + i0) * a.H + h) * D;
     const X* dout = static_cast<const X*>(a.dout) + (((int64_t)b * a.Lq + i0) * a.H + h) * Dv;
-    load_encoded<X>(p, q, (int64_t)a.H * D, nq, BM, D, qpos, h, Qs, true);
+    load_encoded<X>(p, q, (int64_t)a.H * D, nq, BM, D, qpos, h, Qs, !pre);
     load_encoded<X>(p, dout, (int64_t)a.H * Dv, nq, BM, Dv, qpos, h, dOs, false);
     if (threadIdx.x < BM) {
       const int i = threadIdx.x;
@@ -289,97 +299,61 @@ __global__ void bwd_kernel(CudaAttnArgs a, EncParams p) {
   }
 }
 
-// Gradient w.r.t. the encoded rows -> w.r.t. the input rows (transposed rotation) and FoPE coefficient grads.
-// One block per row of g (B, L, H, D); x (B, L, Hx, D) is the unencoded input.
-template <typename X>
-__global__ void decode_kernel(const float* g, const X* x, float* dx, const int64_t* pos_all, int64_t pos_bs, int L,
-                              int H, int Hx, int D, EncParams p, float* dcos, float* dsin) {
-  const int64_t row = blockIdx.x;  // (b, t, h)
-  const int h = (int)(row % H);
-  const int64_t bt = row / H;
-  const int t = (int)(bt % L), b = (int)(bt / L);
-  const int hx = h / (H / Hx);
-  const int64_t pos = pos_all[b * pos_bs + t];
-  const float* gr = g + row * D;
-  float* out = dx + row * D;
-  const X* xr = x + ((int64_t)bt * Hx + hx) * D;
-  if (!is_rotation(p.kind)) {
-    for (int d = threadIdx.x; d < D; d += blockDim.x) out[d] = gr[d];
-    return;
-  }
-  for (int d = threadIdx.x + 2 * p.npairs; d < D; d += blockDim.x) out[d] = gr[d];  // unpaired tail (odd D)
-  for (int j = threadIdx.x; j < p.npairs; j += blockDim.x) {
-    float c, s;
-    tables(p, pos, h, j, c, s);
-    const int i1 = (int)p.idx1[j], i2 = (int)p.idx2[j];
-    float h1, h2;
-    rotate_pair_t<float>(gr[i1], gr[i2], c, s, h1, h2);
-    out[i1] = h1;
-    out[i2] = h2;
-    if (dcos != nullptr && p.fope_pad[j] == 0.f) {
-      float dc, ds;
-      rotate_pair_dtables<float>(to_f(xr[i1]), to_f(xr[i2]), gr[i1], gr[i2], dc, ds);
-      for (int kk = 0; kk < p.fope_dk; ++kk) {
-        const float ang = (float)turn_angle(pos, p.fope_turns + 2 * kk);
-        const int64_t o = ((int64_t)h * p.fope_dk + kk) * p.npairs + j;
-        atomicAdd(dcos + o, cosf(ang) * dc);
-        atomicAdd(dsin + o, sinf(ang) * ds);
-      }
-    }
-  }
-}
-
 template <typename X>
 int fwd_typed(const CudaAttnArgs& a, const EncParams& p, cudaStream_t st) {
-  const size_t smem = attention_smem_bytes(a, false);
+  const size_t smem = scalar_smem_bytes(a, false);
   cudaError_t e = cudaFuncSetAttribute(fwd_kernel<X>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return (int)e;
-  dim3 grid((a.Lq + BM - 1) / BM, a.B * a.H);
-  fwd_kernel<X><<<grid, NT, smem, st>>>(a, p);
+  const int64_t blocks = (int64_t)((a.Lq + BM - 1) / BM) * a.B * a.H;
+  if (blocks == 0) return 0;  // no rows / keys: nothing to compute or write
+  if (blocks > 0x7fffffffLL) return (int)cudaErrorInvalidConfiguration;
+  fwd_kernel<X><<<(unsigned)blocks, NT, smem, st>>>(a, p);
   return (int)cudaGetLastError();
 }
 
 template <typename X>
 int bwd_typed(const CudaAttnArgs& a, const EncParams& p, cudaStream_t st) {
-  const size_t smem = attention_smem_bytes(a, true);
+  const size_t smem = scalar_smem_bytes(a, true);
   cudaError_t e = cudaFuncSetAttribute(bwd_kernel<X>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return (int)e;
-  dim3 grid((a.Lk + BN - 1) / BN, a.B * a.H);
-  bwd_kernel<X><<<grid, NT, smem, st>>>(a, p);
-  e = cudaGetLastError();
-  if (e != cudaSuccess) return (int)e;
-  const int dthreads = 64;
-  decode_kernel<X><<<(unsigned)((int64_t)a.B * a.Lq * a.H), dthreads, 0, st>>>(
-      a.dq_rot, static_cast<const X*>(a.q), a.dq, a.q_pos, a.qpos_bs, a.Lq, a.H, a.H, a.D, p, a.dcos, a.dsin);
-  e = cudaGetLastError();
-  if (e != cudaSuccess) return (int)e;
-  decode_kernel<X><<<(unsigned)((int64_t)a.B * a.Lk * a.H), dthreads, 0, st>>>(
-      a.dk_rot, static_cast<const X*>(a.k), a.dk_h, a.k_pos, a.kpos_bs, a.Lk, a.H, a.Hkv, a.D, p, a.dcos, a.dsin);
+  const int64_t blocks = (int64_t)((a.Lk + BN - 1) / BN) * a.B * a.H;
+  if (blocks == 0) return 0;  // no rows / keys: nothing to compute or write
+  if (blocks > 0x7fffffffLL) return (int)cudaErrorInvalidConfiguration;
+  bwd_kernel<X><<<(unsigned)blocks, NT, smem, st>>>(a, p);
   return (int)cudaGetLastError();
 }
 
 }  // namespace
 
-size_t attention_smem_bytes(const CudaAttnArgs& a, bool backward) {
+size_t scalar_smem_bytes(const CudaAttnArgs& a, bool backward) {
   const size_t D = a.D, Dv = a.Dv;
   if (!backward) return sizeof(float) * (BM * D + BN * D + BN * Dv + BM * BN + BM * Dv + 3 * BM);
   return sizeof(float) * (2 * BN * D + 2 * BN * Dv + BM * D + BM * Dv + 3 * BM * BN + 2 * BM);
 }
 
-int launch_attention_forward(const CudaAttnArgs& a, const EncParams& p, void* stream) {
+int scalar_forward(const CudaAttnArgs& a, const EncParams& p, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (a.dtype) {
-    case DT_F16: return fwd_typed<__half>(a, p, st);
-    case DT_BF16: return fwd_typed<__nv_bfloat16>(a, p, st);
+    case DT_F16:
+      if constexpr (FPE_SCALAR_16BIT_ENABLED) return fwd_typed<__half>(a, p, st);
+      return (int)cudaErrorInvalidValue;
+    case DT_BF16:
+      if constexpr (FPE_SCALAR_16BIT_ENABLED) return fwd_typed<__nv_bfloat16>(a, p, st);
+      return (int)cudaErrorInvalidValue;
     default: return fwd_typed<float>(a, p, st);
   }
 }
 
-int launch_attention_backward(const CudaAttnArgs& a, const EncParams& p, void* stream) {
+// dq_rot / dk_rot / dv_h only; the caller decodes them (decode_rows)
+int scalar_backward_main(const CudaAttnArgs& a, const EncParams& p, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (a.dtype) {
-    case DT_F16: return bwd_typed<__half>(a, p, st);
-    case DT_BF16: return bwd_typed<__nv_bfloat16>(a, p, st);
+    case DT_F16:
+      if constexpr (FPE_SCALAR_16BIT_ENABLED) return bwd_typed<__half>(a, p, st);
+      return (int)cudaErrorInvalidValue;
+    case DT_BF16:
+      if constexpr (FPE_SCALAR_16BIT_ENABLED) return bwd_typed<__nv_bfloat16>(a, p, st);
+      return (int)cudaErrorInvalidValue;
     default: return bwd_typed<float>(a, p, st);
   }
 }
