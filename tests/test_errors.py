@@ -344,7 +344,7 @@ def test_hugging_face_scaling_keys():
     assert RoPE(scaling={"rope_type": "linear", "factor": 2.0}).scaling["type"] == "linear"
     with pytest.raises(ValueError, match="disagree"):
         RoPE(scaling={"type": "linear", "rope_type": "ntk", "factor": 2.0})
-    with pytest.raises(ValueError, match="'dynamic'.*not supported"):
+    with pytest.raises(ValueError, match="'dynamic'.*is not one RoPE"):
         RoPE(scaling={"rope_type": "dynamic", "factor": 2.0})
 
 

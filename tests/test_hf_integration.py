@@ -30,7 +30,7 @@ FAMILY_OPTIONS = {
 }
 
 
-def _model(family, rope=None, partial=None, layers=2):
+def _model(family, rope=None, partial=None, layers=2, max_positions=256):
     import transformers as tf
 
     cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
@@ -41,7 +41,7 @@ def _model(family, rope=None, partial=None, layers=2):
         params["partial_rotary_factor"] = partial
     kw = {"attn_implementation": "sdpa", **FAMILY_OPTIONS.get(family, {})}
     config = cls[0](hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                    num_hidden_layers=layers, vocab_size=VOCAB, max_position_embeddings=256,
+                    num_hidden_layers=layers, vocab_size=VOCAB, max_position_embeddings=max_positions,
                     rope_parameters=params, **kw)
     torch.manual_seed(0)
     return cls[1](config).eval()
@@ -116,16 +116,71 @@ def test_greedy_generate_equals_the_stock_model(family):
     assert torch.equal(a, b), (a, b)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_padded_generate_takes_the_masked_fallback_and_matches(family):
+def _no_fallback(monkeypatch):
+    import fused_posenc.integrations.transformers as integ
+
+    def boom(*a, **k):
+        raise AssertionError("the masked fallback ran")
+
+    monkeypatch.setattr(integ, "_masked_fallback", boom)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mistral-sliding"])
+def test_left_padded_generate_runs_on_the_kernels_and_matches(family, monkeypatch):
     stock = _model(family)
     fused = _patched(stock)
     ids = _ids(2, 9, seed=4).clamp(min=1)
     mask = torch.ones_like(ids)
     ids[1, :3], mask[1, :3] = 0, 0  # left padding
     a = stock.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    _no_fallback(monkeypatch)
     b = fused.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(a, b), (a, b)
+
+
+def test_right_padded_batch_logits_and_gradients_match_on_real_tokens(monkeypatch):
+    stock = _model("qwen3")
+    fused = _patched(stock)
+    ids = _ids(3, 12, seed=6)
+    mask = torch.ones_like(ids)
+    mask[1, 7:], mask[2, 10:] = 0, 0  # right padding
+    labels = ids.masked_fill(mask == 0, -100)
+    real = mask.bool()
+    ref = stock(ids, attention_mask=mask).logits
+    _no_fallback(monkeypatch)
+    out = fused(ids, attention_mask=mask).logits
+    assert (out - ref)[real].abs().max().item() < 1e-5
+    for m in (stock, fused):
+        m.train()
+        m(ids, attention_mask=mask, labels=labels).loss.backward()
+    for (name, a), b in zip(stock.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_mask_with_holes_takes_the_masked_fallback_and_matches():
+    stock = _model("llama")
+    fused = _patched(stock)
+    ids = _ids(2, 10, seed=7)
+    mask = torch.ones_like(ids)
+    mask[0, 3:5] = 0  # zeros between ones: not padding, a real mask
+    real = mask.bool()
+    ref, out = stock(ids, attention_mask=mask).logits, fused(ids, attention_mask=mask).logits
+    assert (out - ref)[real].abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("encoding", ["alibi", "tapa"])
+def test_padded_rows_of_converted_models_equal_the_unpadded_rows(encoding):
+    """ALiBi and TAPA have no masked fallback: padding runs on the kernels' key lengths, and a left-padded row's
+    real tokens (positions 0..n-1) get the logits the same row gets alone."""
+    fused = _patched(_model("llama"), encoding=encoding)
+    ids = _ids(2, 9, seed=8).clamp(min=1)
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    out = fused(ids, attention_mask=mask, position_ids=pos).logits
+    alone = fused(ids[1:, 4:]).logits
+    assert (out[1, 4:] - alone[0]).abs().max().item() < 1e-5
+    assert (out[0] - fused(ids[:1]).logits[0]).abs().max().item() < 1e-5
 
 
 def test_rope_from_config_equals_rope_from_the_model():
@@ -137,13 +192,44 @@ def test_rope_from_config_equals_rope_from_the_model():
         assert a.inv_freq == b.inv_freq and a.attention_factor == pytest.approx(b.attention_factor), rope
 
 
-@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0},
-                                  {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
-                                   "original_max_position_embeddings": 64}])
-def test_runtime_dependent_rope_types_are_refused(rope):
-    m = _model("llama", rope, layers=1)
-    with pytest.raises(NotImplementedError, match=rope["rope_type"]):
-        _patched(m)
+RUNTIME_ROPES = {  # frequencies chosen by the sequence length at run time; the switch at 16 positions
+    "dynamic": ({"rope_type": "dynamic", "factor": 2.0}, 16),
+    "longrope": ({"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                  "long_factor": [1.0 + 0.7 * i for i in range(8)], "original_max_position_embeddings": 16}, 64),
+}
+
+
+@pytest.mark.parametrize("rope", list(RUNTIME_ROPES))
+def test_runtime_dependent_rope_types_follow_the_sequence_length(rope):
+    """dynamic NTK and longrope change their frequencies when a call's positions pass 16: the patched model
+    follows the stock one through short, long and short-again calls (and the frequencies really change)."""
+    params, max_positions = RUNTIME_ROPES[rope]
+    stock = _model("llama", params, max_positions=max_positions)
+    fused = _patched(stock)
+    freqs = []
+    for t in (10, 23, 40, 12):
+        ids = _ids(2, t, seed=t)
+        ref, out = stock(ids).logits, fused(ids).logits
+        assert (out - ref).abs().max().item() < 1e-5, (rope, t)
+        freqs.append(fused.model.rotary_emb.inv_freq.clone())
+    assert not torch.equal(freqs[0], freqs[1]) and torch.equal(freqs[0], freqs[3])
+    fused.train()
+    stock.train()
+    ids = _ids(2, 23, seed=5)
+    for m in (stock, fused):
+        m(ids, labels=ids).loss.backward()
+    for (name, a), b in zip(stock.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_runtime_rope_greedy_generate_equals_the_stock_model_below_the_switch():
+    params, _ = RUNTIME_ROPES["longrope"]
+    stock = _model("llama", params, max_positions=64)
+    fused = _patched(stock)
+    prompt = _ids(1, 5, seed=3)
+    a = stock.generate(prompt, max_new_tokens=10, do_sample=False)  # 15 positions: short factors throughout
+    b = fused.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert torch.equal(a, b), (a, b)
 
 
 @pytest.mark.parametrize("encoding", ["fope", "tapa"])

@@ -46,7 +46,8 @@ def _normalise_scaling(scaling) -> Optional[dict]:
     (kind,) = kinds
     if kind == "dynamic":
         raise ValueError("scaling type 'dynamic' (Hugging Face's dynamic NTK, which changes the frequencies only "
-                         "past max_position_embeddings) is not supported; 'ntk' is the static NTK-aware scaling")
+                         "past max_position_embeddings) is not one RoPE: 'ntk' is the static NTK-aware scaling; an HF model with "
+                         "dynamic (or longrope) scaling is followed call by call by integrations.transformers")
     if kind not in _SCALING_KEYS:
         raise ValueError(f"scaling type must be one of 'linear', 'ntk', 'yarn', 'llama3', got {kind!r}")
     unknown = set(s) - _SCALING_KEYS[kind]

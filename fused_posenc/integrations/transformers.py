@@ -18,19 +18,29 @@ RoPE from its rotary module: ``rotary_emb.inv_freq`` and ``attention_scaling``, 
 for every rope type (default, linear, yarn with mscale/mscale_all_dim/truncate/attention_factor, llama3,
 ``partial_rotary_factor``), become ``RoPE(inv_freq=..., attention_factor=...)``. The angles are then exact
 (``pos * inv_freq`` reduced exactly) where HF rounds ``float32(pos) * inv_freq``: equal to HF's to float32
-accuracy at short positions, more accurate at long ones. ``dynamic`` and ``longrope`` change their frequencies
-with the sequence length at run time and are refused (a clear error, not a silent difference).
+accuracy at short positions, more accurate at long ones. ``dynamic`` (NTK) and ``longrope`` change their
+frequencies with the sequence length at run time: HF's rotary module still runs once per model call and updates its
+``inv_freq`` / ``attention_scaling``; the layers read them (one host read per model call, where HF's dynamic update
+makes its own) and rebuild the RoPE when they changed (:class:`_RuntimeRoPE`). Such models do not compile with
+``fullgraph=True`` (that read, like HF's own update, is data-dependent control flow). With a KV cache the kernel
+rotates every cached key with the call's frequencies, which is what a forward of the whole sequence computes;
+stock HF caches rotated keys, so once a ``generate`` crosses the length where the frequencies change, its old keys
+keep their old rotation and the two can differ from there on (before it they are equal).
 
 KV cache (``generate``). The cache holds the keys *unrotated* (the kernel rotates them by their positions); each
 layer keeps the positions of its cached keys beside them (on the cache object), so a call sees every key at the
 position it was given (a sliding-window cache that drops old keys keeps the positions of the ones it keeps).
 
-Padding. A pre-forward hook on the model reads the 2-D ``attention_mask`` it is called with: when there is none, or
-it is all ones (one device read, as HF's own mask code makes), the attention layers ignore the 4-D causal or
-sliding-window mask HF builds (the kernels apply the same rule from the positions). With padding, the call takes
-the documented fallback: q and the keys rotated by :func:`fused_posenc.apply_rotary` (exact angles), then PyTorch's
-SDPA with HF's mask (soft-capping layers: the same in plain PyTorch, capped); the cache stays unrotated either way.
-ALiBi and TAPA have no masked fallback yet (an error says so).
+Padding. A pre-forward hook on the model reads the 2-D ``attention_mask`` it is called with (one device read, as
+HF's own mask code makes): when there is none, or it is all ones, the attention layers ignore the 4-D causal or
+sliding-window mask HF builds (the kernels apply the same rule from the positions). Left padding (each row's ones
+after its zeros: batched ``generate``) and right padding (ones before zeros: padded training batches) run on the
+kernels too, as ``k_lengths`` with ``padding_side`` (``_layer_key_lengths``): the real tokens' outputs are the stock
+model's; a padding token's own output is not (HF's is arbitrary too: give its label -100). Any other mask (zeros
+between ones, a caller's 4-D mask) takes the documented fallback: q and the keys rotated by
+:func:`fused_posenc.apply_rotary` (exact angles), then PyTorch's SDPA with HF's mask (soft-capping layers: the same in
+plain PyTorch, capped); the cache stays unrotated either way. ALiBi and TAPA have no masked fallback (an error
+says so), only the padding path.
 """
 from __future__ import annotations
 
@@ -45,10 +55,7 @@ from ..attention import fused_attention
 from ..encodings import Encoding, FoPE, RoPE, get_encoding
 from ..rotary import apply_rotary
 
-_REFUSED_ROPE_TYPES = {
-    "dynamic": "dynamic NTK rescales its frequencies once a sequence exceeds max_position_embeddings, at run time",
-    "longrope": "longrope switches between short and long factors by the sequence length at run time",
-}
+_RUNTIME_ROPE_TYPES = ("dynamic", "longrope")  # frequencies chosen by the sequence length at run time
 
 
 def _rope_type(config) -> str:
@@ -63,8 +70,6 @@ def rope_from_hf(config, rotary_emb: Optional[torch.nn.Module] = None) -> RoPE:
     ``attention_scaling`` are what the model computes with. Without it they are derived from the config by HF's
     own rope functions (``transformers.modeling_rope_utils``)."""
     kind = _rope_type(config)
-    if kind in _REFUSED_ROPE_TYPES:
-        raise NotImplementedError(f"rope type {kind!r} is not supported: {_REFUSED_ROPE_TYPES[kind]}")
     if rotary_emb is not None:
         inv_freq, att = rotary_emb.original_inv_freq if hasattr(rotary_emb, "original_inv_freq") \
             else rotary_emb.inv_freq, float(rotary_emb.attention_scaling)
@@ -78,9 +83,36 @@ def rope_from_hf(config, rotary_emb: Optional[torch.nn.Module] = None) -> RoPE:
             dim = int(head_dim * rp.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
             inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
             att = 1.0
-        else:
+        else:  # dynamic / longrope: their frequencies at short lengths (the model's start state)
             inv_freq, att = ROPE_INIT_FUNCTIONS[kind](config, torch.device("cpu"))
     return RoPE(inv_freq=inv_freq, attention_factor=float(att))
+
+
+class _RuntimeRoPE:
+    """The RoPE of a ``dynamic`` / ``longrope`` model: whatever its rotary module's ``inv_freq`` and
+    ``attention_scaling`` are in the current call (HF updates them by the sequence length when the model's forward
+    calls the rotary module, before the layers). A forward hook marks them stale on each rotary call; the first layer
+    that needs them reads them (one host read) and the rest reuse that; a RoPE is built once per distinct value."""
+
+    def __init__(self, rotary: torch.nn.Module):
+        self.rotary = rotary
+        self.fresh = None  # the RoPE of the current call, None when stale
+        self.built = {}    # (inv_freq, attention_scaling) -> RoPE, the last few
+        rotary.register_forward_hook(self._stale)
+
+    def _stale(self, module, args, output):
+        self.fresh = None
+
+    def current(self) -> RoPE:
+        if self.fresh is None:
+            inv = self.rotary.inv_freq.detach().to("cpu", torch.float32)
+            key = (tuple(inv.tolist()), float(self.rotary.attention_scaling))
+            if key not in self.built:
+                if len(self.built) >= 8:
+                    self.built.pop(next(iter(self.built)))
+                self.built[key] = RoPE(inv_freq=inv, attention_factor=key[1])
+            self.fresh = self.built[key]
+        return self.fresh
 
 
 def _attention_modules(model):
@@ -115,7 +147,14 @@ def apply_fused_posenc(model: torch.nn.Module, encoding: Union[None, str, Encodi
     if encoding is None:
         if encoding_options:
             raise ValueError(f"encoding options {sorted(encoding_options)} given without an encoding")
-        shared = rope_from_hf(config, _rotary_module(model))
+        rotary = _rotary_module(model)
+        if _rope_type(config) in _RUNTIME_ROPE_TYPES:
+            if rotary is None:
+                raise ValueError(f"rope type {_rope_type(config)!r} changes its frequencies in the model's rotary "
+                                 "module at run time, and this model has none (no module with inv_freq)")
+            shared = _RuntimeRoPE(rotary)
+        else:
+            shared = rope_from_hf(config, rotary)
     elif isinstance(encoding, Encoding):
         shared = encoding
     state = _padding_state(model)
@@ -143,23 +182,46 @@ def apply_fused_posenc(model: torch.nn.Module, encoding: Union[None, str, Encodi
 
 
 def _padding_state(model) -> dict:
-    """``{"padded": bool}`` of the model's current call, kept up to date by a forward pre-hook (registered once)."""
+    """The padding of the model's current call, kept up to date by a forward pre-hook (registered once) from the 2-D
+    ``attention_mask`` it is called with: ``{"padded": bool, "k_lengths": (B,) int64 or None, "side": "left" |
+    "right" | None, "mask_len": int}``. A mask whose rows are ones after zeros (left padding, as batched
+    ``generate`` makes it) or ones before zeros (right padding) becomes key lengths for the kernels; any other mask
+    (holes, a caller's own 4-D mask) leaves ``k_lengths`` None and the layers take the masked fallback."""
     state = model.__dict__.get("_fused_posenc_state")
     if state is not None:
         return state
-    state = model.__dict__["_fused_posenc_state"] = {"padded": None}
+    state = model.__dict__["_fused_posenc_state"] = {"padded": None, "k_lengths": None, "side": None, "mask_len": 0}
 
     def hook(module, args, kwargs):
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        state.update(padded=True, k_lengths=None, side=None, mask_len=0)
         if mask is None:
             state["padded"] = False
         elif isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            state["padded"] = not bool(mask.all())  # one device read, as HF's mask code makes
-        else:  # a caller's own 4-D mask: honoured by the masked fallback
-            state["padded"] = True
+            m = mask.to(torch.int32)
+            ones_after_zeros = (m.cummax(1).values == m).all()
+            ones_before_zeros = (m.flip(1).cummax(1).values == m.flip(1)).all()
+            # one device read, as HF's own mask code makes
+            every, left, right = torch.stack([(m != 0).all(), ones_after_zeros, ones_before_zeros]).tolist()
+            state["padded"] = not every
+            if not every and (left or right):
+                state.update(k_lengths=m.sum(1), side="left" if left else "right", mask_len=m.shape[1])
+        # else: a caller's own 4-D mask, honoured by the masked fallback
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     return state
+
+
+def _layer_key_lengths(state: dict, lk: int):
+    """``(k_lengths, side)`` of this layer's ``lk`` keys from the call's padding, or ``None`` (no usable lengths:
+    the masked fallback). The mask's columns are the cache's keys; a sliding-window cache that keeps only its last
+    ``lk`` keys drops the first ``mask_len - lk`` columns."""
+    lengths, side, mask_len = state.get("k_lengths"), state.get("side"), state.get("mask_len", 0)
+    if lengths is None or mask_len < lk:
+        return None
+    if side == "left":
+        return lengths.clamp(max=lk), side
+    return (lengths - (mask_len - lk)).clamp(min=0), side
 
 
 def _layer_window(self) -> Optional[int]:
@@ -195,6 +257,8 @@ def _fused_forward(self, hidden_states: torch.Tensor, position_embeddings=None, 
                    past_key_values=None, past_key_value=None, **kwargs):
     cache = next((c for c in (cache, past_key_values, past_key_value) if c is not None), None)
     enc = self.fused_posenc_encoding
+    if isinstance(enc, _RuntimeRoPE):
+        enc = enc.current()
     b, t, _ = hidden_states.shape
     shape = (b, t, -1, self.head_dim)
     q = self.q_proj(hidden_states).view(shape)
@@ -214,11 +278,15 @@ def _fused_forward(self, hidden_states: torch.Tensor, position_embeddings=None, 
     window = _layer_window(self)
     softcap = getattr(self, "attn_logit_softcapping", None)
     scale = getattr(self, "scaling", None)
-    padded = self.__dict__.get("_fused_posenc_state", {}).get("padded")
+    state = self.__dict__.get("_fused_posenc_state", {})
+    padded = state.get("padded")
+    kw = dict(causal=True, softmax_scale=scale, q_positions=q_pos, k_positions=k_pos,
+              backend=self.fused_posenc_backend, window_size=(-1, -1) if window is None else (window - 1, -1),
+              softcap=softcap)
     if attention_mask is None or padded is False:  # HF's mask is only the causal / sliding rule: the kernels' own
-        out = fused_attention(q, k, v, enc, causal=True, softmax_scale=scale, q_positions=q_pos,
-                              k_positions=k_pos, backend=self.fused_posenc_backend,
-                              window_size=(-1, -1) if window is None else (window - 1, -1), softcap=softcap)
+        out = fused_attention(q, k, v, enc, **kw)
+    elif (lengths := _layer_key_lengths(state, k.shape[1])) is not None:  # left or right padding: key lengths
+        out = fused_attention(q, k, v, enc, k_lengths=lengths[0], padding_side=lengths[1], **kw)
     else:
         out = _masked_fallback(self, q, k, v, enc, q_pos, k_pos, attention_mask, scale, softcap)
     out = self.o_proj(out.reshape(b, t, -1).contiguous())
