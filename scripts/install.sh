@@ -15,9 +15,9 @@ export PYTHONUNBUFFERED=1
 # What the package, its build (--no-build-isolation: setuptools from here) and the test suite need;
 # numpy: Triton's interpreter (TRITON_INTERPRET=1, the CPU test run) imports it, and so do tests; tqdm: examples/.
 # transformers: the Hugging Face integration's tests (fused_posenc.integrations.transformers; the [hf] extra);
-# pytest-xdist: scripts/test.sh runs the suite on every core (-n).
+# pytest-xdist: scripts/test.sh runs the suite on every core (-n); matplotlib: the study's and the benchmarks' plots.
 REQS=("torch==2.13.0" "triton>=3.6,<3.10" numpy ninja pybind11 "setuptools>=64" pytest pytest-benchmark pytest-xdist
-      tqdm "transformers>=5.0,<6")
+      tqdm matplotlib "transformers>=5.0,<6")
 
 if why=$(python scripts/install_state.py deps "${REQS[@]}"); then
   echo "install.sh: dependencies already installed (${REQS[*]})"

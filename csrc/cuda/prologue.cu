@@ -6,20 +6,13 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "convert.cuh"
 #include "launchers.h"
 
 namespace fused_posenc {
 namespace {
 
 constexpr int kThreads = 128;
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename X> __device__ __forceinline__ X from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // Blocks: (head hy, chunk of R consecutive (b, t) rows), head fastest. Shared memory (floats):
 //   ck, sk [R][Dk] (FoPE basis) | dcs, dss [R][P] (decode with coefficient grads)

@@ -9,6 +9,7 @@
 
 #include <cfloat>
 
+#include "convert.cuh"
 #include "launchers.h"
 
 namespace fused_posenc {
@@ -17,14 +18,6 @@ namespace {
 constexpr int BM = 32;
 constexpr int BN = 32;
 constexpr int NT = 128;
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename X> __device__ __forceinline__ X from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 __device__ __forceinline__ void tables(const EncParams& p, int64_t pos, int h, int j, float& c, float& s) {
   if (p.kind == ENC_ROTARY) {
