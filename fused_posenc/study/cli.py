@@ -91,10 +91,6 @@ def _load_meta(path: str, cfg: StudyConfig) -> dict:
     if meta.get("config") != json.loads(json.dumps(asdict(cfg))):
         raise SystemExit(f"{path} was written with another configuration ({meta.get('config')}); "
                          "pass --fresh to discard those results, or another --out")
-    if "runs" not in meta:  # the first format: one run's fields at the top level
-        meta["runs"] = [{k: meta.pop(k) for k in ("command", "device", "backend", "torch", "commit", "wall_s",
-                                                   "cells") if k in meta}]
-        meta["runs"][0]["models"] = meta["runs"][0].pop("cells", 0)
     return meta
 
 
