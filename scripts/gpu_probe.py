@@ -21,7 +21,7 @@ fwd_ab with --ab-kinds bwd,fwd), variants, seqlens.
              the autotuned config, ms of the backward alone, the configs chosen per kernel, and the
              largest gradient difference between the two; skipped with a note when the Triton modules
              have no autotuner to clear
-  variants   rope/hope with the streaming operand rotated inline, rope with explicit positions
+  variants   rope with explicit positions
   seqlens    fwd and fwd+bwd of every encoding at the other --seqlens
 
 Usage: python scripts/gpu_probe.py [--csv probe.csv] [--budget SECONDS] [--sections sdpa,encodings,...]
@@ -535,22 +535,12 @@ class Probe:
         b, n = self.b, self.seqlens[0]
         q, k, v, do = self.main
         pos = self.torch.arange(n, device=self.dev)
-        cases = [("triton-rope-positions", self.ours("rope", q_positions=pos, k_positions=pos), None)]
-        cases += [(f"triton-{e}-inline", self.ours(e), "inline") for e in ("rope", "hope") if e in self.encodings]
-        for name, fn, stream in cases:
+        cases = [("triton-rope-positions", self.ours("rope", q_positions=pos, k_positions=pos))]
+        for name, fn in cases:
             if not self.clock.enough(30):
                 self.rows.skip("probe budget spent", section="variants", name=name, batch=b, seqlen=n)
                 continue
-            old = os.environ.get("FUSED_POSENC_ROTATE_STREAM")
-            if stream:
-                os.environ["FUSED_POSENC_ROTATE_STREAM"] = stream
-            try:
-                self.timed_rows("variants", name, fn, b, n, q, k, v, do)
-            finally:
-                if old is None:
-                    os.environ.pop("FUSED_POSENC_ROTATE_STREAM", None)
-                else:
-                    os.environ["FUSED_POSENC_ROTATE_STREAM"] = old
+            self.timed_rows("variants", name, fn, b, n, q, k, v, do)
 
     def section_seqlens(self):
         for n in self.seqlens[1:]:

@@ -8,6 +8,7 @@ real hardware and, with ``--sass``, reports what each variant's compiled code do
     python scripts/triton_aot.py --quick --sass --dims 128 --dtypes bf16 --csv s.csv --md s.md
         # + the main loop's SASS: instructions per thread per tile, HGMMA, MUFU, LDL/STL, barriers
     python scripts/triton_aot.py --md s.md --from s.csv  # re-render the Markdown report of CSV rows
+    python scripts/triton_aot.py --compare before.csv after.csv  # before/after table of two runs
 
 **Specialisation.** A kernel is compiled exactly as Triton's JIT would compile it for a realistic call
 (``--batch 2 --seqlen 4096``, ``nheads = 2048 / headdim``, contiguous ``(B, L, H, D)`` tensors): the
@@ -31,6 +32,7 @@ import argparse
 import ast
 import contextlib
 import csv
+import importlib.util
 import io
 import itertools
 import multiprocessing
@@ -61,7 +63,8 @@ from fused_posenc.ops.triton import autograd  # noqa: E402
 SMEM_LIMIT = {80: 166912, 90: 232448}  # opt-in shared memory per block (bytes): A100, H100/H200
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 KERNEL_KIND = {"attn_fwd_kernel": "fwd", "attn_bwd_dkdv_kernel": "bwd_dkdv", "attn_bwd_dq_kernel": "bwd_dq",
-               "attn_bwd_preprocess_kernel": "bwd_preprocess", "rotate_fwd_kernel": "rotate"}
+               "attn_bwd_preprocess_kernel": "bwd_preprocess", "rotate_fwd_kernel": "rotate",
+               "rope_table_kernel": "rope_table"}
 EXPLICIT = {"explicit": True}  # caller-given positions (B, L), as Hugging Face passes position_ids
 
 
@@ -70,15 +73,14 @@ def _alibi_learnable(d, h):
 
 
 # name -> (encoding factory (head dim, heads), call options, constexprs the recorded calls must carry).
-# Call options: explicit positions, causal, FUSED_POSENC_ROTATE_STREAM, klen (per-row key lengths; left: counted
+# Call options: explicit positions, causal, klen (per-row key lengths; left: counted
 # from the end), splits (the forward's key ranges), window (left, right), softcap. GATHER = interleaved pairs,
-# FOPE_GRAD = learnable FoPE, SLOPE_GRAD = learnable ALiBi slopes, ROTATE_K = streaming operand rotated inline.
+# FOPE_GRAD = learnable FoPE, SLOPE_GRAD = learnable ALiBi slopes.
 VARIANTS = {
     "none": (lambda d, h: NoPE(), {}, {"ENC": 0}),
     "none-noncausal": (lambda d, h: NoPE(), {"causal": False}, {"ENC": 0, "CAUSAL": False}),
     "rope": (lambda d, h: RoPE(), {}, {"ENC": 1, "GATHER": False}),
     "rope-gather": (lambda d, h: RoPE(interleaved=True), {}, {"ENC": 1, "GATHER": True}),
-    "rope-inline": (lambda d, h: RoPE(), {"stream": "inline"}, {"ENC": 1, "ROTATE_K": True}),
     "rope-explicit": (lambda d, h: RoPE(), EXPLICIT, {"ENC": 1, "DEFAULT_POS": False, "CAUSAL": True}),
     "fope": (lambda d, h: FoPE(head_dim=d), {}, {"ENC": 2}),
     "fope-learnable": (lambda d, h: FoPE(head_dim=d, learnable=True).to("meta"), {}, {"ENC": 2, "FOPE_GRAD": True}),
@@ -158,8 +160,6 @@ def record_call(variant: str, dtype: str, d: int, batch: int, seqlen: int, model
     if opts.get("explicit"):
         pos = pos.expand(batch, seqlen).contiguous()
     calls: list = []
-    old = os.environ.get("FUSED_POSENC_ROTATE_STREAM")
-    os.environ["FUSED_POSENC_ROTATE_STREAM"] = opts.get("stream", "pre")
     # the launches are custom ops, which meta tensors send to their fake implementations: call the real bodies
     ops = {name: getattr(autograd, name) for name in ("triton_forward", "triton_backward")}
     try:
@@ -178,10 +178,6 @@ def record_call(variant: str, dtype: str, d: int, batch: int, seqlen: int, model
     finally:
         for name, op in ops.items():
             setattr(autograd, name, op)
-        if old is None:
-            os.environ.pop("FUSED_POSENC_ROTATE_STREAM")
-        else:
-            os.environ["FUSED_POSENC_ROTATE_STREAM"] = old
     return calls
 
 
@@ -264,6 +260,43 @@ def sass_loop(tool: str, cubin: str) -> dict:
     return out
 
 
+def _tool_module(tool: str):
+    """``sass_loop.py`` as a module (its parser), with no cubin on its command line."""
+    spec = importlib.util.spec_from_file_location("sass_loop_tool", tool)
+    mod = importlib.util.module_from_spec(spec)
+    argv, sys.argv = sys.argv, [tool]
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.argv = argv
+    return mod
+
+
+def tensor_core_loops(tool: str, cubin: str) -> dict:
+    """Every innermost loop with tensor-core instructions (a kernel with an interior and a boundary stage has
+    two; ``sass_loop.py`` reports the longest, the masked one): ``tc_loops`` their lengths in instructions per
+    thread per tile, shortest first ("434/632"), and ``interior_instrs`` / ``interior_mufu`` / ``interior_ldl`` /
+    ``interior_stl`` of the shortest."""
+    mod = _tool_module(tool)
+    ins, labels = mod.parse(cubin)
+    spans = []
+    for addr, text in ins:
+        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", text)
+        if m and labels.get(m.group(1), 1 << 62) < addr:
+            spans.append((labels[m.group(1)], addr))
+    tc = [(lo, hi) for lo, hi in spans
+          if any(lo <= a <= hi and ("HGMMA" in t or "HMMA" in t) for a, t in ins)]
+    inner = [(lo, hi) for lo, hi in tc if not any((a, b) != (lo, hi) and lo <= a and b <= hi for a, b in tc)]
+    bodies = sorted(([t for a, t in ins if lo <= a <= hi] for lo, hi in inner), key=len)
+    if not bodies:
+        return {}
+    ops = [mod.opcode(t) for t in bodies[0]]
+    return {"tc_loops": "/".join(str(len(b)) for b in bodies), "interior_instrs": len(bodies[0]),
+            "interior_mufu": sum(o.startswith("MUFU") for o in ops),
+            "interior_ldl": sum(o.startswith("LDL") for o in ops),
+            "interior_stl": sum(o.startswith("STL") for o in ops)}
+
+
 def kernel_instrs(cubin: str):
     """SASS instructions of the whole kernel (NOPs excluded), by the nvdisasm in triton's wheel; None if absent."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
@@ -275,8 +308,9 @@ def kernel_instrs(cubin: str):
 
 
 COLUMNS = ["variant", "kernel", "encoding", "dtype", "d", "config", "num_warps", "num_stages", "status",
-           "shared_bytes", "registers", "spill_bytes", "spill_load_bytes", "stack_bytes", "kernel_instrs", "loop_instrs",
-           "hgmma", "hmma", "mufu", "mufu_ops", "ffma", "ldl", "stl", "bar", "warpgroup", "shfl", "lds", "ldgsts",
+           "shared_bytes", "registers", "spill_bytes", "spill_load_bytes", "stack_bytes", "kernel_instrs",
+           "loop_instrs", "tc_loops", "interior_instrs", "interior_mufu", "interior_ldl", "interior_stl", "hgmma",
+           "hmma", "mufu", "mufu_ops", "ffma", "ldl", "stl", "bar", "warpgroup", "shfl", "lds", "ldgsts",
            "specialised", "div16_args", "const1_args", "triton", "commit", "compile_s"]
 
 _JOBS: list = []  # filled before the worker processes fork; workers get indices (kernels do not pickle)
@@ -309,6 +343,7 @@ def compile_one(i: int) -> dict:
             with open(path, "wb") as f:
                 f.write(c.asm["cubin"])
             row.update(sass_loop(job["sass_tool"], path))
+            row.update(tensor_core_loops(job["sass_tool"], path))
             row["kernel_instrs"] = kernel_instrs(path)
     except Exception as e:  # a compile error is a finding: report it, keep going
         msg = str(e).strip().splitlines()
@@ -354,7 +389,7 @@ def plan_jobs(args) -> tuple[list, list, list]:
             seen.add(label)
             want = VARIANTS[name][2]
             bad = {k: (ckwargs[k], v) for k, v in want.items() if k in fn.arg_names and k in ckwargs
-                   and ckwargs[k] != v and not (k == "ROTATE_K" and kind != "fwd")}
+                   and ckwargs[k] != v}
             if bad and per_encoding:
                 problems.append(f"{label}: the launcher passes {bad} (got, wanted): the variant is not what it says")
             cfgs = _configs(kernel, fn, cargs, ckwargs, args.quick)
@@ -392,6 +427,43 @@ def summary(csv_path: str) -> str:
     return "\n".join(lines)
 
 
+def _loops(r: dict):
+    """``(interior instrs, interior MUFU, boundary instrs)`` of a row: a row without the tensor-core loop columns (an
+    older CSV: the kernels had one masked loop) has one loop, which is both."""
+    if r.get("interior_instrs"):
+        parts = r["tc_loops"].split("/")
+        return r["interior_instrs"], r["interior_mufu"], parts[-1] if len(parts) > 1 else ""
+    return r.get("loop_instrs", ""), r.get("mufu", ""), ""
+
+
+def compare(before_csv: str, after_csv: str) -> str:
+    """Markdown table of the variants two CSVs share (the kernels before and after a change; a variant whose
+    label lost its encoding, e.g. ``rotate:rope:...`` -> ``rotate:...``, is matched through it): registers, spills,
+    the interior (unmasked) loop's and the boundary loop's instructions per thread per tile, MUFU per interior
+    tile, local loads/stores per tile, kernel instructions."""
+    before = {r["variant"]: r for r in read_rows(before_csv)}
+    after = {r["variant"]: r for r in read_rows(after_csv)}
+    lines = ["| variant | regs | spill st/ld B | loop instrs: interior (boundary) | MUFU / interior tile | "
+             "LDL/STL per interior tile | kernel instrs |", "|---|---|---|---|---|---|---|"]
+    for name, a in after.items():
+        kind, *rest = name.split(":")
+        b = before.get(name) or next((r for v, r in before.items() if v.split(":")[0] == kind
+                                      and v.split(":")[-2:] == rest[-2:] and len(rest) == 2
+                                      and v.split(":")[1] == "rope"), None)
+        if b is None or a.get("status") != "ok" or kind == "bwd_preprocess":
+            continue
+        (bi, bm, _), (ai, am, ab) = _loops(b), _loops(a)
+        b_ls = f"{b['ldl']}/{b['stl']}" if not b.get("interior_instrs") else f"{b['interior_ldl']}/{b['interior_stl']}"
+        a_ls = f"{a['ldl']}/{a['stl']}" if not a.get("interior_instrs") else f"{a['interior_ldl']}/{a['interior_stl']}"
+        loop = f"{bi} -> {ai}" + (f" ({ab})" if ab else "")
+        cells = [f"{b['registers']} -> {a['registers']}",
+                 f"{b['spill_bytes']}/{b['spill_load_bytes']} -> {a['spill_bytes']}/{a['spill_load_bytes']}", loop,
+                 f"{bm} -> {am}", f"{b_ls} -> {a_ls}",
+                 f"{b['kernel_instrs']} -> {a['kernel_instrs']}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # Issue 10's numbers (triton 3.6, the kernels as they were when it was filed):
 # (variant, column, value, the compile it describes: "jit" or "no" specialisation, what)
 ISSUE_BEFORE = [
@@ -409,7 +481,6 @@ ISSUE_BEFORE = [
     ("bwd_dkdv:none:bf16:d128", "loop_instrs", 820, "jit", "dk/dv loop instructions/tile (tutorial's S^T form: 745)"),
     ("bwd_dkdv:none:bf16:d128", "warpgroup", 80, "jit", "dk/dv loop warpgroup syncs/tile (tutorial's S^T form: 9)"),
     ("fwd:rope:bf16:d128", "loop_instrs", 562, "jit", "forward loop, RoPE with pre-rotated keys"),
-    ("fwd:rope-inline:bf16:d128", "loop_instrs", 3357, "jit", "forward loop, RoPE rotated inline"),
     ("rotate:rope:bf16:d128", "registers", 249, "jit", "RoPE pre-rotation kernel registers (table-driven: 100)"),
     ("rotate:rope:bf16:d128", "kernel_instrs", 5760, "jit",
      "RoPE pre-rotation kernel instructions (table-driven: 560)"),
@@ -567,9 +638,14 @@ def main(argv=None) -> int:
     ap.add_argument("--command", action="append", help="with --md: a command line to list under 'Regenerate'")
     ap.add_argument("--note", action="append", help="with --md: a paragraph under the sources line")
     ap.add_argument("--summary", metavar="CSV", help="print the Markdown spill table of an earlier --csv and exit")
+    ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
+                    help="print the Markdown before/after table of two --csv files and exit")
     args = ap.parse_args(argv)
     if args.summary:
         print(summary(args.summary))
+        return 0
+    if args.compare:
+        print(compare(*args.compare))
         return 0
     if args.from_csv:
         if not args.md:

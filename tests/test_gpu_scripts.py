@@ -192,4 +192,4 @@ def test_probe_dry_run_on_cpu(tmp_path):
     syncs = [row for row in rows if row["section"] == "syncs"]
     assert syncs and all(row["value"] == "0" for row in syncs)  # no CUDA here: nothing to sync with
     variants = {row["name"] for row in rows if row["section"] == "variants"}
-    assert {"triton-rope-positions", "triton-rope-inline"} <= variants
+    assert {"triton-rope-positions"} <= variants

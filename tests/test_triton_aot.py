@@ -44,4 +44,7 @@ def test_sass_histogram_columns_for_one_variant(tmp_path):
     for col in ("registers", "spill_bytes", "shared_bytes", "loop_instrs", "hgmma", "mufu", "ldl", "stl", "bar"):
         assert row[col].isdigit(), (col, row)
     assert int(row["loop_instrs"]) > 0 and int(row["hgmma"]) > 0 and int(row["mufu"]) > 0, row
+    # causal: an interior loop without masks and a boundary loop with them, the interior the shorter
+    interior, boundary = (int(n) for n in row["tc_loops"].split("/"))
+    assert int(row["interior_instrs"]) == interior < boundary == int(row["loop_instrs"]), row
     assert "| fwd:none:bf16:d64 |" in out_md.read_text()

@@ -71,7 +71,8 @@ def test_positions_beyond_int32_arithmetic_fail_the_stream_on_cuda():
 @pytest.mark.parametrize("causal,window", [(True, None), (False, (9, 4)), (True, (30, -1)), (False, (-1, 7))])
 def test_tile_bounds_are_tight_for_ascending_positions_and_safe_otherwise(causal, window):
     """Each 16-row chunk's range is exactly the span of the keys (queries) its rows can see under the causal rule
-    and the window, for ascending positions; the whole length when the positions do not ascend."""
+    and the window, and its full range the span of those every row sees (the tiles that need no mask), for
+    ascending positions; the whole length (and no full range) when the positions do not ascend."""
     from fused_posenc.ops.triton.bounds import tile_bounds
 
     lq, lk = 40, 70
@@ -92,21 +93,24 @@ def test_tile_bounds_are_tight_for_ascending_positions_and_safe_otherwise(causal
         idx = mask.nonzero().flatten()
         return (int(idx.min()), int(idx.max()) + 1) if len(idx) else None
 
+    def check(got, want):
+        assert want is None and got[0] >= got[1] or got == want, (c, got, want)
+
     for c in range(krange.shape[2]):
-        want = span(seen[c * 16:(c + 1) * 16].any(0))
-        got = tuple(int(x) for x in krange[0, :, c])
-        assert want is None and got[0] >= got[1] or got == want, (c, got, want)
+        check(tuple(int(x) for x in krange[0, :2, c]), span(seen[c * 16:(c + 1) * 16].any(0)))
+        check(tuple(int(x) for x in krange[0, 2:, c]), span(seen[c * 16:(c + 1) * 16].all(0)))
     for c in range(qrange.shape[2]):
-        want = span(seen[:, c * 16:(c + 1) * 16].any(1))
-        got = tuple(int(x) for x in qrange[0, :, c])
-        assert want is None and got[0] >= got[1] or got == want, (c, got, want)
+        check(tuple(int(x) for x in qrange[0, :2, c]), span(seen[:, c * 16:(c + 1) * 16].any(1)))
+        check(tuple(int(x) for x in qrange[0, 2:, c]), span(seen[:, c * 16:(c + 1) * 16].all(1)))
+    assert (krange[0, 2:, :] != krange[0, :2, :]).any()  # the full ranges are not the visible ones
     shuffled = k_pos[:, torch.randperm(lk, generator=torch.Generator().manual_seed(0))]
     kr2, _ = tile_bounds(q_pos, shuffled, causal, window)
     assert (kr2[:, 0] == 0).all() and (kr2[:, 1] == lk).all()  # keys out of order: nothing to skip
+    assert (kr2[:, 2] >= kr2[:, 3]).all()  # and no tile without a mask
     _, qr2 = tile_bounds(q_pos.flip(1), k_pos, causal, window)
-    assert (qr2[:, 0] == 0).all() and (qr2[:, 1] == lq).all()
+    assert (qr2[:, 0] == 0).all() and (qr2[:, 1] == lq).all() and (qr2[:, 2] >= qr2[:, 3]).all()
     kr3, qr3 = tile_bounds(torch.stack([q_pos[0], q_pos[0] + 1000]), k_pos, causal, window)  # per-batch rows
-    assert kr3.shape == (2, 2, 3) and qr3.shape == (2, 2, 5)
+    assert kr3.shape == (2, 4, 3) and qr3.shape == (2, 4, 5)
 
 
 @pytest.mark.parametrize("encoding", ["rope", "alibi", "tapa"])

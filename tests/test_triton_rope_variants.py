@@ -1,4 +1,4 @@
-"""Triton backend with every RoPE option, and both ways of rotating the streaming operand."""
+"""Triton backend with every RoPE option, and its rotation tables."""
 import pytest
 import torch
 
@@ -26,16 +26,20 @@ def test_rope_variant(name, causal):
     check_triton(q, k, v, VARIANTS[name], causal)
 
 
-@pytest.mark.parametrize("mode", ["pre", "inline"])
-@pytest.mark.parametrize("encoding", ["rope", VARIANTS["partial_interleaved"]], ids=["rope", "partial_interleaved"])
-def test_stream_modes(encoding, mode, monkeypatch):
-    monkeypatch.setenv("FUSED_POSENC_ROTATE_STREAM", mode)
-    q, k, v = make_qkv(1, 40, 40, 2, 1, 48, torch.float32, DEVICE, seed=22)
-    check_triton(q, k, v, encoding, True)
+def test_rope_tables_of_default_positions_are_built_once_per_length(monkeypatch):
+    """RoPE/HoPE run on per-row cos/sin tables: built per call for caller-given positions, once per length (kept
+    on the plan) for default ones, and the cached tables give the same output."""
+    from fused_posenc.ops.triton import autograd
 
-
-def test_bad_stream_mode(monkeypatch):
-    monkeypatch.setenv("FUSED_POSENC_ROTATE_STREAM", "sideways")
-    q, k, v = make_qkv(1, 4, 4, 1, 1, 16, torch.float32, DEVICE)
-    with pytest.raises(ValueError, match="FUSED_POSENC_ROTATE_STREAM"):
-        fp.fused_attention(q, k, v, "rope", backend="triton")
+    built = []
+    real = autograd.rope_tables
+    monkeypatch.setattr(autograd, "rope_tables", lambda plan, pos: built.append(pos.shape) or real(plan, pos))
+    enc = fp.RoPE()
+    q, k, v = make_qkv(1, 24, 40, 2, 1, 32, torch.float32, DEVICE, seed=23)
+    first = fp.fused_attention(q, k, v, enc, causal=True, backend="triton")
+    assert built == [(1, 24), (1, 40)]  # the query rows (positions 16..39) and the key rows
+    again = fp.fused_attention(q, k, v, enc, causal=True, backend="triton")
+    assert len(built) == 2 and torch.equal(first, again)
+    pos = torch.arange(40, device=DEVICE)
+    fp.fused_attention(q, k, v, enc, causal=True, backend="triton", q_positions=pos[16:], k_positions=pos)
+    assert built[2:] == [(1, 24), (1, 40)]

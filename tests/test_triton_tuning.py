@@ -17,14 +17,17 @@ def _key(cfg, names):
 @pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv"])
 @pytest.mark.parametrize("dtype", ["torch.float16", "torch.bfloat16", "torch.float32"])
 @pytest.mark.parametrize("p1,p2,dv,klass", [(32, 0, 64, 64), (64, 0, 64, 64), (40, 40, 80, 128), (64, 64, 128, 128),
-                                            (128, 128, 256, 256), (128, 0, 96, 128), (32, 32, 200, 256)])
+                                            (128, 128, 256, 256), (128, 0, 96, 128), (32, 32, 200, 256),
+                                            (64, -16, 64, 64), (128, -16, 128, 128), (256, -16, 256, 256)])
 def test_pruner_keeps_the_class_space_in_order(monkeypatch, kind, dtype, p1, p2, dv, klass):
+    """``p2 < 0``: a one-dot call (``ONE_DOT``: part 1 is the whole head, ``BLOCK_P2`` the unused minimum 16),
+    classed by part 1 alone."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("FUSED_POSENC_AUTOTUNE", raising=False)
     names = NAMES[kind]
     offered = tuning.configs(kind, names)
     table = tuning._FP32 if dtype == "torch.float32" else tuning._TABLES[kind]
-    meta = {"BLOCK_P1": p1, "BLOCK_P2": p2, "BLOCK_DV": dv, "DTYPE_KEY": dtype}
+    meta = {"BLOCK_P1": p1, "BLOCK_P2": abs(p2), "ONE_DOT": p2 < 0, "BLOCK_DV": dv, "DTYPE_KEY": dtype}
     kept = tuning.pruner(kind, names)["early_config_prune"](offered, meta)
     assert [_key(c, names) for c in kept] == table[klass]
     monkeypatch.setenv("FUSED_POSENC_AUTOTUNE", "0")

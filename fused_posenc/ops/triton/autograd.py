@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -14,19 +13,9 @@ from .bounds import tile_bounds
 from .bwd import attn_bwd
 from .fwd import attn_fwd
 from .plan import Plan, make_plan
-from .rotate import rotate_tensor
+from .rotate import rope_tables, rotate_tensor
 
-STREAM_MODES = ("pre", "inline")
 _PLANS = PerEncodingCache()
-
-
-def stream_mode(plan: Plan) -> str:
-    """How the streaming operand is rotated: ``"pre"`` (once per call into an O(seqlen) buffer) or
-    ``"inline"`` (per tile inside the loop; RoPE/HoPE only). Override with ``FUSED_POSENC_ROTATE_STREAM``."""
-    mode = os.environ.get("FUSED_POSENC_ROTATE_STREAM", "pre")
-    if mode not in STREAM_MODES:
-        raise ValueError(f"FUSED_POSENC_ROTATE_STREAM must be one of {STREAM_MODES}, got {mode!r}")
-    return "pre" if plan.enc == 2 else mode
 
 
 # The launches as torch.library custom ops (as ops/native.py's): torch.compile traces a call as one node, with
@@ -53,16 +42,36 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tcq: torch
     they count the last keys) or empty; ``num_splits``: key ranges run by separate programs and merged
     (flash-decoding); the window's sides (-1: unbounded, both: no window) and the softcap (0: none)."""
     plan = _plan_of(enc_id, q, k, scale, fope_learnable)
-    inline = stream_mode(plan) == "inline" or not plan.rotation
-    q_tab = None if _opt(tcq) is None else (tcq, tsq)
-    k_tab = None if _opt(tck) is None else (tck, tsk)
-    k_arg = k if inline else rotate_tensor(k, k_pos, plan, plan.k_heads_rot, default_pos, nheads=q.shape[2],
-                                           tables=k_tab)
+    q_tab, k_tab = _rotation_tables(plan, tcq, tsq, tck, tsk, q_pos, k_pos, default_pos)
+    k_arg = rotate_tensor(k, plan, plan.k_heads_rot, k_tab, nheads=q.shape[2]) if plan.rotation else k
     window, cap = _mask(window_left, window_right, softcap)
     bounds = _bounds(q_pos, k_pos, causal, window, default_pos)
-    return attn_fwd(q, k_arg, v, q_pos, k_pos, plan, causal, default_pos, rotate_k=inline, q_tables=q_tab,
+    return attn_fwd(q, k_arg, v, q_pos, k_pos, plan, causal, default_pos, q_tables=q_tab,
                     bounds=bounds, k_lengths=_opt(k_lengths), num_splits=num_splits, k_left=k_left, window=window,
                     softcap=cap)
+
+
+def _rotation_tables(plan: Plan, tcq, tsq, tck, tsk, q_pos, k_pos, default_pos: bool):
+    """The ``(cos, sin)`` tables of the query and the key rows: FoPE's (op inputs), RoPE/HoPE's (built here by
+    ``rotate.rope_tables``; for default positions once per length and kept on the plan), or ``(None, None)``."""
+    if plan.enc != 1:
+        return (None if _opt(tcq) is None else (tcq, tsq)), (None if _opt(tck) is None else (tck, tsk))
+    if not default_pos:
+        return rope_tables(plan, q_pos), rope_tables(plan, k_pos)
+    lq, lk = q_pos.shape[1], k_pos.shape[1]
+    return _default_tables(plan, lk - lq, q_pos), _default_tables(plan, 0, k_pos)
+
+
+def _default_tables(plan: Plan, start: int, pos):
+    """RoPE/HoPE tables of the default positions ``start .. start + rows - 1`` (``pos`` holds them), cached on the
+    plan (at most 8 lengths)."""
+    key = (start, pos.shape[1])
+    tabs = plan.tables.get(key)
+    if tabs is None:
+        if len(plan.tables) >= 8:
+            plan.tables.pop(next(iter(plan.tables)))
+        tabs = plan.tables[key] = rope_tables(plan, pos)
+    return tabs
 
 
 def _mask(window_left: int, window_right: int, softcap: float):
@@ -92,18 +101,15 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     """``[dq, dk, dv, dtcq, dtsq, dtck, dtsk, dslopes]``: the table gradients in the tables' shapes (learnable
     FoPE), ``dslopes (B, H)`` float32 (``slope_grad``), else empty tensors."""
     plan = _plan_of(enc_id, q, k, scale, fope_learnable)
-    inline = stream_mode(plan) == "inline" or not plan.rotation
-    q_tab = None if _opt(tcq) is None else (tcq, tsq)
-    k_tab = None if _opt(tck) is None else (tck, tsk)
+    q_tab, k_tab = _rotation_tables(plan, tcq, tsq, tck, tsk, q_pos, k_pos, default_pos)
     q_rot = k_rot = None
-    if not inline:
-        lq, lk = q.shape[1], k.shape[1]
-        q_rot = rotate_tensor(q, q_pos, plan, q.shape[2], default_pos, pos_offset=lk - lq, tables=q_tab)
-        k_rot = rotate_tensor(k, k_pos, plan, plan.k_heads_rot, default_pos, nheads=q.shape[2], tables=k_tab)
+    if plan.rotation:
+        q_rot = rotate_tensor(q, plan, q.shape[2], q_tab)
+        k_rot = rotate_tensor(k, plan, plan.k_heads_rot, k_tab, nheads=q.shape[2])
     window, cap = _mask(window_left, window_right, softcap)
     bounds = _bounds(q_pos, k_pos, causal, window, default_pos)
     dq, dk, dv, tabs, dslopes = attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan, causal, default_pos,
-                                         rotate_stream=inline, q_rot=q_rot, k_rot=k_rot, q_tables=q_tab,
+                                         q_rot=q_rot, k_rot=k_rot, q_tables=q_tab,
                                          k_tables=k_tab, slope_grad=slope_grad, bounds=bounds,
                                          k_lengths=_opt(k_lengths), k_left=k_left, window=window, softcap=cap)
     tab_grads = [q.new_empty(0, dtype=torch.float32) for _ in range(4)]

@@ -12,6 +12,10 @@ so this pre-pass summarises the positions in chunks of ``CHUNK`` rows (every blo
   ``right``); ``(0, Lk)`` otherwise.
 * ``qrange[b, :, c] = (begin, end)``: the queries that can see key chunk ``c`` lie in ``[begin, end)`` when the row's
   query positions ascend; ``(0, Lq)`` otherwise.
+* ``krange[b, 2:, c]`` and ``qrange[b, 2:, c]``: the keys that every query of chunk ``c`` sees (``[qmax - left, qmin
+  + right]`` in positions), and the queries that see every key of chunk ``c``; empty (``(L, 0)``) when the
+  positions do not ascend. Tiles inside the intersection of a block's chunks run without a mask (``hooks.
+  stage_tiles``).
 
 The forward and dq kernels loop over the union of their chunks' key ranges, the dk/dv kernel over the union of its
 query ranges; the per-element mask stays, so the bounds only skip tiles that would be all masked, and a row order
@@ -52,7 +56,7 @@ def window_sides(causal: bool, window):
 
 
 def tile_bounds(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, window=None):
-    """``(krange (Bb, 2, ceil(Lq/16)), qrange (Bb, 2, ceil(Lk/16)))`` int32 for ``q_pos (Bq, Lq)``, ``k_pos (Bk, Lk)``
+    """``(krange (Bb, 4, ceil(Lq/16)), qrange (Bb, 4, ceil(Lk/16)))`` int32 for ``q_pos (Bq, Lq)``, ``k_pos (Bk, Lk)``
     int64, ``Bb = max(Bq, Bk)``, under ``causal`` and ``window`` ``(left, right)`` (-1: unbounded) or ``None``; see
     the module docstring."""
     left, right = window_sides(causal, window)
@@ -71,8 +75,14 @@ def tile_bounds(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, window=N
             return torch.full_like(bound, n)
         return torch.searchsorted(sorted_pos, bound + size, right=True)
 
-    krange = torch.stack([first(kp, qmin, left), end(kp, qmax, right, lk)], 1)  # (Bb, 2, nq)
-    krange = torch.where(_ascending(kp)[:, :, None], krange, torch.tensor([0, lk], device=kp.device)[None, :, None])
-    qrange = torch.stack([first(qp, kmin, right), end(qp, kmax, left, lq)], 1)  # (Bb, 2, nk)
-    qrange = torch.where(_ascending(qp)[:, :, None], qrange, torch.tensor([0, lq], device=qp.device)[None, :, None])
+    # the keys every query of a chunk sees: k_pos in [qmax - left, qmin + right]; the queries that see every key of
+    # a chunk: q_pos in [kmax - right, kmin + left]
+    krange = torch.stack([first(kp, qmin, left), end(kp, qmax, right, lk),
+                          first(kp, qmax, left), end(kp, qmin, right, lk)], 1)  # (Bb, 4, nq)
+    nothing_k = torch.tensor([0, lk, lk, 0], device=kp.device)[None, :, None]  # all keys, none fully visible
+    krange = torch.where(_ascending(kp)[:, :, None], krange, nothing_k)
+    qrange = torch.stack([first(qp, kmin, right), end(qp, kmax, left, lq),
+                          first(qp, kmax, right), end(qp, kmin, left, lq)], 1)  # (Bb, 4, nk)
+    nothing_q = torch.tensor([0, lq, lq, 0], device=qp.device)[None, :, None]
+    qrange = torch.where(_ascending(qp)[:, :, None], qrange, nothing_q)
     return krange.to(torch.int32).contiguous(), qrange.to(torch.int32).contiguous()

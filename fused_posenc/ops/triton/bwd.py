@@ -8,9 +8,10 @@ import triton
 import triton.language as tl
 
 from .fwd import bounds_args, dot_precision, enc_args, mask_args, table_strides
-from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, block_key_range, block_query_range, head_layout, key_span,
-                    load_encoded, load_part, part_dots, positions, program_ids, rotate, rotate_back, rotation_tables,
-                    score_grads, scores_log2, store_part, visible)
+from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, ENC_TAPA, block_query_range, head_layout, key_span,
+                    key_stages, key_tile, load_parts, part_dots, positions, program_ids, rotate, rotate_back,
+                    rotation_tables, score_grads, scores_log2, stage_len, stage_start, stage_tiles, store_part,
+                    tapa_omega, visible)
 from .plan import Plan, interpreter
 from .tuning import configs, pruner
 
@@ -33,7 +34,7 @@ def attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, st
     tl.store(DELTA + pid_bh.to(tl.int64) * LQ + o_m, tl.sum(b_o * b_do, 1), mask=m_m)
 
 
-_KEY = ["BLOCK_P1", "BLOCK_P2", "BLOCK_DV", "ENC", "CAUSAL", "ROTATE_STREAM", "DEFAULT_POS", "GATHER", "HAS_KLEN",
+_KEY = ["BLOCK_P1", "BLOCK_P2", "ONE_DOT", "BLOCK_DV", "ENC", "CAUSAL", "DEFAULT_POS", "GATHER", "HAS_KLEN",
         "KLEN_LEFT", "WINDOW", "SOFTCAP", "DTYPE_KEY"]
 
 
@@ -42,7 +43,7 @@ _KEY = ["BLOCK_P1", "BLOCK_P2", "BLOCK_DV", "ENC", "CAUSAL", "ROTATE_STREAM", "D
 @triton.jit
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DCK, DSK, QPOS, KPOS, IDX1, IDX2, KLEN,
-    FREQ, FSCALE, TC, TS, SLOPES,
+    TC, TS, SLOPES,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -53,15 +54,16 @@ def attn_bwd_dkdv_kernel(
     LQ, LK, H, HKV, Q_GROUP, TAB_GROUP, P1, P2, DV, q_pos_offset,
     scale, phase, alpha, BOUNDS, stride_bounds_b, N_BOUNDS, win_l, win_r, softcap,
     ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr, HAS_KLEN: tl.constexpr,
-    KLEN_LEFT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ROTATE_STREAM: tl.constexpr, FOPE_GRAD: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
+    KLEN_LEFT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, FOPE_GRAD: tl.constexpr,
+    PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr, ONE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
     """One block of keys of one kv head; loops over the query heads of its group and all query blocks.
 
-    Q is the raw q (``ROTATE_STREAM``) or q pre-rotated per query head; K, V, DK, DV are per kv head. Keys past
-    ``KLEN[b]`` (``HAS_KLEN``: key padding; ``KLEN_LEFT``: keys before ``LK - KLEN[b]``) take no part and get zero
-    gradients.
+    Q is the raw q, or for a rotation q pre-rotated per query head (``rotate.py``); K, V, DK, DV are per kv head.
+    Keys past ``KLEN[b]`` (``HAS_KLEN``: key padding; ``KLEN_LEFT``: keys before ``LK - KLEN[b]``) take no part and
+    get zero gradients.
     """
     pid_n, pid_bh = program_ids(LK, BLOCK_N)
     i_b = pid_bh // HKV
@@ -81,8 +83,7 @@ def attn_bwd_dkdv_kernel(
     p_tc = TC + i_b64 * stride_tab_b
     p_ts = TS + i_b64 * stride_tab_b
     p_k = K + i_b64 * stride_kb + i_hk.to(tl.int64) * stride_kh
-    b_k1 = load_part(p_k, o_n, m_n, o_d1, m_p1, stride_kt, stride_kd)  # [BN, BP1] raw
-    b_k2 = load_part(p_k, o_n, m_n, o_d2, m_p2, stride_kt, stride_kd)
+    b_k1, b_k2 = load_parts(p_k, o_n, m_n, o_d1, m_p1, o_d2, m_p2, stride_kt, stride_kd, ONE_DOT)  # [BN, BP*] raw
     b_v = tl.load(V + i_b64 * stride_vb + i_hk.to(tl.int64) * stride_vh + o_n[:, None].to(tl.int64) * stride_vt
                   + o_dv[None, :] * stride_vd, mask=m_n[:, None] & m_dv[None, :], other=0.0)  # [BN, BDV]
 
@@ -90,18 +91,20 @@ def attn_bwd_dkdv_kernel(
     b_dk2 = tl.zeros([BLOCK_N, BLOCK_P2], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    # the queries [lo, hi) that can see a key of this block (causal rule, window)
-    lo, hi = block_query_range(BOUNDS + i_b64 * stride_bounds_b, pid_n, N_BOUNDS, LQ, q_pos_offset, win_l, win_r,
-                               CAUSAL, WINDOW, DEFAULT_POS, BLOCK_N, BLOCK_M)
+    # the queries [lo, hi) that can see a key of this block (causal rule, window) and [f_lo, f_hi) that see all of
+    # them: their tiles need no mask when every key of the block takes part
+    lo, hi, f_lo, f_hi = block_query_range(BOUNDS + i_b64 * stride_bounds_b, pid_n, N_BOUNDS, LQ, q_pos_offset, win_l,
+                                           win_r, CAUSAL, WINDOW, DEFAULT_POS, BLOCK_N, BLOCK_M)
     if HAS_KLEN:  # a block of padding keys: nothing to loop over
         lo = tl.where((pid_n * BLOCK_N < n_end) & ((pid_n + 1) * BLOCK_N > n_beg), lo, LQ)
+    m_block = (pid_n * BLOCK_N >= n_beg) & ((pid_n + 1) * BLOCK_N <= n_end)  # every key of the block is valid
+    n_tiles, t_a, t_b = stage_tiles(lo, hi, f_lo, tl.where(m_block, tl.minimum(f_hi, LQ), 0), BLOCK_M)
     for g in range(0, Q_GROUP):
         i_h = i_hk * Q_GROUP + g
         b_kr1 = b_k1
         b_kr2 = b_k2
         if ROTATION:
-            b_cos, b_sin = rotation_tables(pos_n, o_n, m_n, i_h, FREQ, FSCALE, p_tc, p_ts, stride_tab_t, TAB_GROUP,
-                                           o_p1, m_p1, P1, ENC)
+            b_cos, b_sin = rotation_tables(o_n, m_n, i_h, p_tc, p_ts, stride_tab_t, TAB_GROUP, o_p1, m_p1, P1)
             b_r1, b_r2 = rotate(b_k1, b_k2, b_cos, b_sin)
             b_kr1 = b_r1.to(b_k1.dtype)
             b_kr2 = b_r2.to(b_k2.dtype)
@@ -114,28 +117,33 @@ def attn_bwd_dkdv_kernel(
         p_delta = DELTA + (i_b64 * H + i_h) * LQ
         b_dkr1 = tl.zeros([BLOCK_N, BLOCK_P1], dtype=tl.float32)
         b_dkr2 = tl.zeros([BLOCK_N, BLOCK_P2], dtype=tl.float32)
-        for start_m in range(lo, hi, BLOCK_M):
-            o_m = start_m + tl.arange(0, BLOCK_M)
-            m_m = o_m < LQ
-            pos_m = positions(QPOS + i_b64 * stride_qpos_b, o_m, m_m, q_pos_offset, DEFAULT_POS)
-            # inline rotation of the streaming queries: RoPE/HoPE only (FoPE queries come pre-rotated)
-            b_q1, b_q2 = load_encoded(p_q, o_m, m_m, o_d1, m_p1, o_d2, m_p2, stride_qt, stride_qd, pos_m, i_h,
-                                      FREQ, FSCALE, p_tc, p_ts, stride_tab_t, TAB_GROUP, o_p1, m_p1, P1, ENC,
-                                      ROTATE_STREAM)
-            b_do = tl.load(p_do + o_m[:, None].to(tl.int64) * stride_dot + o_dv[None, :] * stride_dod,
-                           mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
-            b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf"))
-            b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
-            b_d1, b_d2 = part_dots(b_q1, b_q2, b_kr1, b_kr2, ENC, PREC)
-            b_s, b_t = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, phase, alpha, softcap, ENC, FAST, SOFTCAP)
-            b_p = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL, WINDOW, win_l, win_r), tl.exp2(b_s - b_lse[:, None]),
-                           0.0)
-            b_dv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, b_dv, input_precision=PREC)
-            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)  # [BM, BN]
-            b_ds = b_p * (b_dp - b_delta[:, None])
-            b_g1, b_g2 = score_grads(b_ds, b_t, b_d1, b_d2, pos_m, pos_n, scale, phase, alpha, ENC, FAST, SOFTCAP)
-            b_dkr1 = tl.dot(tl.trans(b_g1.to(b_q1.dtype)), b_q1, b_dkr1, input_precision=PREC)
-            b_dkr2 = tl.dot(tl.trans(b_g2.to(b_q2.dtype)), b_q2, b_dkr2, input_precision=PREC)
+        # stage 0: interior query tiles (no mask), stage 1: the boundary ones (masked), as in the forward
+        for stage in tl.static_range(2):
+            for i_t in range(0, stage_len(stage, n_tiles, t_a, t_b)):
+                o_m = stage_start(stage, i_t, lo, t_a, t_b, BLOCK_M) + tl.arange(0, BLOCK_M)
+                m_m = o_m < LQ
+                pos_m = positions(QPOS + i_b64 * stride_qpos_b, o_m, m_m, q_pos_offset, DEFAULT_POS)
+                # queries as stored: raw, or rotated once per call (rotate.py)
+                b_q1, b_q2 = load_parts(p_q, o_m, m_m, o_d1, m_p1, o_d2, m_p2, stride_qt, stride_qd, ONE_DOT)
+                b_do = tl.load(p_do + o_m[:, None].to(tl.int64) * stride_dot + o_dv[None, :] * stride_dod,
+                               mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
+                b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf"))
+                b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
+                b_d1, b_d2 = part_dots(b_q1, b_q2, b_kr1, b_kr2, ENC, PREC, ONE_DOT)
+                b_om = 0.0
+                if ENC == ENC_TAPA:
+                    b_om = tapa_omega(pos_m, pos_n, phase, alpha, FAST)
+                b_s, b_t = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, b_om, softcap, ENC, FAST, SOFTCAP)
+                b_p = tl.exp2(b_s - b_lse[:, None])  # [BM, BN]
+                if stage == 1:
+                    b_p = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL, WINDOW, win_l, win_r), b_p, 0.0)
+                b_dv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, b_dv, input_precision=PREC)
+                b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)  # [BM, BN]
+                b_ds = b_p * (b_dp - b_delta[:, None])
+                b_g1, b_g2 = score_grads(b_ds, b_t, b_d1, b_d2, b_om, scale, ENC, FAST, SOFTCAP)
+                b_dkr1 = tl.dot(tl.trans(b_g1.to(b_q1.dtype)), b_q1, b_dkr1, input_precision=PREC)
+                if not ONE_DOT:
+                    b_dkr2 = tl.dot(tl.trans(b_g2.to(b_q2.dtype)), b_q2, b_dkr2, input_precision=PREC)
         if ROTATION:
             b_u1, b_u2 = rotate_back(b_dkr1, b_dkr2, b_cos, b_sin)
             b_dk1 += b_u1
@@ -154,7 +162,8 @@ def attn_bwd_dkdv_kernel(
 
     p_dk = DK + i_b64 * stride_dkb + i_hk.to(tl.int64) * stride_dkh
     store_part(p_dk, b_dk1.to(DK.dtype.element_ty), o_n, m_store, o_d1, m_p1, stride_dkt, stride_dkd)
-    store_part(p_dk, b_dk2.to(DK.dtype.element_ty), o_n, m_store, o_d2, m_p2, stride_dkt, stride_dkd)
+    if not ONE_DOT:
+        store_part(p_dk, b_dk2.to(DK.dtype.element_ty), o_n, m_store, o_d2, m_p2, stride_dkt, stride_dkd)
     tl.store(DV_OUT + i_b64 * stride_dvb + i_hk.to(tl.int64) * stride_dvh + o_n[:, None].to(tl.int64) * stride_dvt
              + o_dv[None, :] * stride_dvd, b_dv.to(DV_OUT.dtype.element_ty), mask=m_store[:, None] & m_dv[None, :])
 
@@ -164,7 +173,7 @@ def attn_bwd_dkdv_kernel(
 @triton.jit
 def attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DCQ, DSQ, DSLOPE, QPOS, KPOS, IDX1, IDX2, KLEN,
-    FREQ, FSCALE, TC, TS, SLOPES,
+    TC, TS, SLOPES,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -174,11 +183,12 @@ def attn_bwd_dq_kernel(
     LQ, LK, H, KV_GROUP, K_GROUP, TAB_GROUP, P1, P2, DV, q_pos_offset,
     scale, phase, alpha, BOUNDS, stride_bounds_b, N_BOUNDS, win_l, win_r, softcap,
     ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr, HAS_KLEN: tl.constexpr,
-    KLEN_LEFT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ROTATE_STREAM: tl.constexpr, FOPE_GRAD: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
+    KLEN_LEFT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, FOPE_GRAD: tl.constexpr,
+    PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr, ONE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
     BLOCK_DV: tl.constexpr, SLOPE_GRAD: tl.constexpr = False,
 ):
-    """One block of queries of one head; K is raw (``ROTATE_STREAM``) or pre-rotated. ``SLOPE_GRAD`` (ALiBi): also
+    """One block of queries of one head; K is raw, or pre-rotated for a rotation. ``SLOPE_GRAD`` (ALiBi): also
     each query row's share of ``dL/dslope = -sum_n dS[m, n] |m - n|`` into ``DSLOPE`` ``(B, H, LQ)`` float32."""
     pid_m, pid_bh = program_ids(LQ, BLOCK_M)
     i_b = pid_bh // H
@@ -194,13 +204,11 @@ def attn_bwd_dq_kernel(
     p_tc = TC + i_b64 * stride_tab_b
     p_ts = TS + i_b64 * stride_tab_b
     p_q = Q + i_b64 * stride_qb + i_h.to(tl.int64) * stride_qh
-    b_q1 = load_part(p_q, o_m, m_m, o_d1, m_p1, stride_qt, stride_qd)
-    b_q2 = load_part(p_q, o_m, m_m, o_d2, m_p2, stride_qt, stride_qd)
+    b_q1, b_q2 = load_parts(p_q, o_m, m_m, o_d1, m_p1, o_d2, m_p2, stride_qt, stride_qd, ONE_DOT)  # raw
     b_qr1 = b_q1
     b_qr2 = b_q2
     if ROTATION:
-        b_cos, b_sin = rotation_tables(pos_m, o_m, m_m, i_h, FREQ, FSCALE, p_tc, p_ts, stride_tab_t, TAB_GROUP,
-                                       o_p1, m_p1, P1, ENC)
+        b_cos, b_sin = rotation_tables(o_m, m_m, i_h, p_tc, p_ts, stride_tab_t, TAB_GROUP, o_p1, m_p1, P1)
         b_r1, b_r2 = rotate(b_q1, b_q2, b_cos, b_sin)
         b_qr1 = b_r1.to(b_q1.dtype)
         b_qr2 = b_r2.to(b_q2.dtype)
@@ -217,31 +225,34 @@ def attn_bwd_dq_kernel(
     b_dq1 = tl.zeros([BLOCK_M, BLOCK_P1], dtype=tl.float32)
     b_dq2 = tl.zeros([BLOCK_M, BLOCK_P2], dtype=tl.float32)
     b_dslope = tl.zeros([BLOCK_M], dtype=tl.float32)
-    lo, hi = block_key_range(BOUNDS + i_b64 * stride_bounds_b, pid_m, N_BOUNDS, LK, q_pos_offset, win_l, win_r,
-                             CAUSAL, WINDOW, DEFAULT_POS, BLOCK_M, BLOCK_N)
-    n_beg, n_end = key_span(KLEN, i_b, LK, HAS_KLEN, KLEN_LEFT)
-    lo = tl.maximum(lo, n_beg // BLOCK_N * BLOCK_N)
-    hi = tl.minimum(hi, n_end)
-    for start_n in range(lo, hi, BLOCK_N):
-        o_n = start_n + tl.arange(0, BLOCK_N)
-        m_n = o_n < n_end
-        if KLEN_LEFT:  # left padding: the row's keys start at n_beg
-            m_n = m_n & (o_n >= n_beg)
-        pos_n = positions(KPOS + i_b64 * stride_kpos_b, o_n, m_n, 0, DEFAULT_POS)
-        b_k1, b_k2 = load_encoded(p_k, o_n, m_n, o_d1, m_p1, o_d2, m_p2, stride_kt, stride_kd, pos_n, i_h,
-                                  FREQ, FSCALE, p_tc, p_ts, stride_tab_t, TAB_GROUP, o_p1, m_p1, P1, ENC, ROTATE_STREAM)
-        b_v = tl.load(p_v + o_n[:, None].to(tl.int64) * stride_vt + o_dv[None, :] * stride_vd,
-                      mask=m_n[:, None] & m_dv[None, :], other=0.0)
-        b_d1, b_d2 = part_dots(b_qr1, b_qr2, b_k1, b_k2, ENC, PREC)
-        b_s, b_t = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, phase, alpha, softcap, ENC, FAST, SOFTCAP)
-        b_p = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL, WINDOW, win_l, win_r), tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        if SLOPE_GRAD:
-            b_dslope += tl.sum(b_ds * tl.abs(pos_m[:, None] - pos_n[None, :]).to(tl.float32), 1)
-        b_g1, b_g2 = score_grads(b_ds, b_t, b_d1, b_d2, pos_m, pos_n, scale, phase, alpha, ENC, FAST, SOFTCAP)
-        b_dq1 = tl.dot(b_g1.to(b_k1.dtype), b_k1, b_dq1, input_precision=PREC)
-        b_dq2 = tl.dot(b_g2.to(b_k2.dtype), b_k2, b_dq2, input_precision=PREC)
+    lo, n_beg, n_end, n_tiles, t_a, t_b = key_stages(
+        BOUNDS + i_b64 * stride_bounds_b, pid_m, N_BOUNDS, KLEN, i_b, LK, q_pos_offset, win_l, win_r, 0, LK, CAUSAL,
+        WINDOW, DEFAULT_POS, HAS_KLEN, KLEN_LEFT, BLOCK_M, BLOCK_N)
+    # stage 0: interior key tiles (no mask), stage 1: the boundary ones (masked), as in the forward
+    for stage in tl.static_range(2):
+        for i_t in range(0, stage_len(stage, n_tiles, t_a, t_b)):
+            start_n = stage_start(stage, i_t, lo, t_a, t_b, BLOCK_N)
+            o_n, m_n, pos_n = key_tile(start_n, n_beg, n_end, KPOS + i_b64 * stride_kpos_b, KLEN_LEFT, DEFAULT_POS,
+                                       BLOCK_N)
+            b_k1, b_k2 = load_parts(p_k, o_n, m_n, o_d1, m_p1, o_d2, m_p2, stride_kt, stride_kd, ONE_DOT)
+            b_v = tl.load(p_v + o_n[:, None].to(tl.int64) * stride_vt + o_dv[None, :] * stride_vd,
+                          mask=m_n[:, None] & m_dv[None, :], other=0.0)
+            b_d1, b_d2 = part_dots(b_qr1, b_qr2, b_k1, b_k2, ENC, PREC, ONE_DOT)
+            b_om = 0.0
+            if ENC == ENC_TAPA:
+                b_om = tapa_omega(pos_m, pos_n, phase, alpha, FAST)
+            b_s, b_t = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, b_om, softcap, ENC, FAST, SOFTCAP)
+            b_p = tl.exp2(b_s - b_lse[:, None])
+            if stage == 1:
+                b_p = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL, WINDOW, win_l, win_r), b_p, 0.0)
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            if SLOPE_GRAD:
+                b_dslope += tl.sum(b_ds * tl.abs(pos_m[:, None] - pos_n[None, :]).to(tl.float32), 1)
+            b_g1, b_g2 = score_grads(b_ds, b_t, b_d1, b_d2, b_om, scale, ENC, FAST, SOFTCAP)
+            b_dq1 = tl.dot(b_g1.to(b_k1.dtype), b_k1, b_dq1, input_precision=PREC)
+            if not ONE_DOT:
+                b_dq2 = tl.dot(b_g2.to(b_k2.dtype), b_k2, b_dq2, input_precision=PREC)
 
     if ROTATION:
         if FOPE_GRAD:
@@ -254,22 +265,23 @@ def attn_bwd_dq_kernel(
         b_dq1, b_dq2 = rotate_back(b_dq1, b_dq2, b_cos, b_sin)
     p_dq = DQ + i_b64 * stride_dqb + i_h.to(tl.int64) * stride_dqh
     store_part(p_dq, b_dq1.to(DQ.dtype.element_ty), o_m, m_m, o_d1, m_p1, stride_dqt, stride_dqd)
-    store_part(p_dq, b_dq2.to(DQ.dtype.element_ty), o_m, m_m, o_d2, m_p2, stride_dqt, stride_dqd)
+    if not ONE_DOT:
+        store_part(p_dq, b_dq2.to(DQ.dtype.element_ty), o_m, m_m, o_d2, m_p2, stride_dqt, stride_dqd)
     if SLOPE_GRAD:
         tl.store(DSLOPE + pid_bh.to(tl.int64) * LQ + o_m, -b_dslope, mask=m_m)
 
 
 def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool,
-             rotate_stream: bool, q_rot=None, k_rot=None, q_tables=None, k_tables=None, slope_grad: bool = False,
+             q_rot=None, k_rot=None, q_tables=None, k_tables=None, slope_grad: bool = False,
              bounds=None, k_lengths=None, k_left: bool = False, window=None, softcap=None):
     """Launch the backward kernels.
 
-    ``q_rot`` (B, Lq, H, D) and ``k_rot`` (B, Lk, Hk', D) are the pre-rotated streaming operands
-    (used when ``rotate_stream`` is False). Returns ``dq, dk, dv`` and, for learnable FoPE, the table
-    gradients ``(dC, dS)`` of shape (B, rows, H, P) for the queries and the keys (else ``None``), and
+    ``q_rot`` (B, Lq, H, D) and ``k_rot`` (B, Lk, Hk', D) are the pre-rotated streaming operands (rotations
+    only). Returns ``dq, dk, dv`` and, for learnable FoPE, the table gradients ``(dC, dS)`` of shape (B, rows, H, P)
+    for the queries and the keys (else ``None``), and
     ALiBi's ``dL/dslopes`` ``(B, H)`` float32 when ``slope_grad`` (else ``None``).
-    ``q_tables``/``k_tables``: FoPE ``(cos, sin)`` tables of the query and key rows; ``bounds``, ``k_lengths``,
-    ``k_left``, ``window``, ``softcap``: as for ``attn_fwd``.
+    ``q_tables``/``k_tables``: the rotation's ``(cos, sin)`` tables of the query and key rows; ``bounds``,
+    ``k_lengths``, ``k_left``, ``window``, ``softcap``: as for ``attn_fwd``.
     """
     b, lq, h, d = q.shape
     lk, hkv, dv = v.shape[1], v.shape[2], v.shape[3]
@@ -285,17 +297,16 @@ def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, defa
         tabs = [torch.zeros(b, n, h, plan.p1, device=q.device, dtype=torch.float32) for n in (lq, lq, lk, lk)]
     else:
         tabs = [plan.fscale] * 4  # float32 placeholders
-    q_stream = q if (rotate_stream or not plan.rotation) else q_rot
-    k_stream = k if (rotate_stream or not plan.rotation) else k_rot
+    q_stream = q_rot if plan.rotation else q
+    k_stream = k_rot if plan.rotation else k
     pos_strides = (q_pos.stride(0) if q_pos.shape[0] > 1 else 0, k_pos.stride(0) if k_pos.shape[0] > 1 else 0,
                    plan.slope_stride_b)
     klen = plan.idx1 if k_lengths is None else k_lengths
     mask_scalars, mask_flags = mask_args(window, softcap)
-    common = dict(ENC=plan.enc, CAUSAL=causal, DEFAULT_POS=default_pos, GATHER=plan.gather, HAS_KLEN=k_lengths is not None,
-                  KLEN_LEFT=k_left, **mask_flags,
-                  ROTATE_STREAM=rotate_stream, FOPE_GRAD=fope_grad, PREC=dot_precision(q.dtype),
-                  DTYPE_KEY=str(q.dtype), FAST=not interpreter(), BLOCK_P1=plan.block_p1, BLOCK_P2=plan.block_p2, BLOCK_DV=block_dv,
-)
+    common = dict(ENC=plan.enc, CAUSAL=causal, DEFAULT_POS=default_pos, GATHER=plan.gather,
+                  HAS_KLEN=k_lengths is not None, KLEN_LEFT=k_left, **mask_flags, FOPE_GRAD=fope_grad,
+                  PREC=dot_precision(q.dtype), DTYPE_KEY=str(q.dtype), FAST=not interpreter(), BLOCK_P1=plan.block_p1,
+                  BLOCK_P2=plan.block_p2, ONE_DOT=plan.one_dot, BLOCK_DV=block_dv)
     scalars = (plan.p1, plan.p2, dv, lk - lq, plan.scale, plan.phase, plan.alpha)
     kt_b, kt_t, kt_group = table_strides(plan, k_tables, h)
     qt_b, qt_t, qt_group = table_strides(plan, q_tables, h)

@@ -7,19 +7,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .hooks import (ENC_ALIBI, block_key_range, head_layout, key_span, load_encoded, part_dots, positions, program_ids,
-                    scores_log2, visible)
+from .hooks import (ENC_ALIBI, ENC_TAPA, head_layout, key_stages, key_tile, load_encoded, load_parts, part_dots,
+                    positions, program_ids, scores_log2, stage_len, stage_start, tapa_omega, visible)
 from .plan import Plan, interpreter
 from .tuning import configs, pruner
 
 
 @triton.autotune(configs=configs("fwd", ("BLOCK_M", "BLOCK_N")), prune_configs_by=pruner("fwd", ("BLOCK_M", "BLOCK_N")),
-                 key=["BLOCK_P1", "BLOCK_P2", "BLOCK_DV", "ENC", "CAUSAL", "ROTATE_K", "DEFAULT_POS", "GATHER",
+                 key=["BLOCK_P1", "BLOCK_P2", "ONE_DOT", "BLOCK_DV", "ENC", "CAUSAL", "DEFAULT_POS", "GATHER",
                       "HAS_KLEN", "KLEN_LEFT", "WINDOW", "SOFTCAP", "DTYPE_KEY"])
 @triton.jit
 def attn_fwd_kernel(
     Q, K, V, O, LSE, QPOS, KPOS, IDX1, IDX2, KLEN,
-    FREQ, FSCALE, TC, TS, SLOPES,
+    TC, TS, SLOPES,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -28,7 +28,8 @@ def attn_fwd_kernel(
     LQ, LK, H, KV_GROUP, K_GROUP, TAB_GROUP, P1, P2, DV, q_pos_offset,
     scale, phase, alpha, BOUNDS, stride_bounds_b, N_BOUNDS, N_SPLITS, SPLIT_LEN, win_l, win_r, softcap,
     ENC: tl.constexpr, CAUSAL: tl.constexpr, DEFAULT_POS: tl.constexpr, GATHER: tl.constexpr,
-    HAS_KLEN: tl.constexpr, KLEN_LEFT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ROTATE_K: tl.constexpr, PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr,
+    HAS_KLEN: tl.constexpr, KLEN_LEFT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    PREC: tl.constexpr, DTYPE_KEY: tl.constexpr, FAST: tl.constexpr, ONE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
@@ -53,8 +54,8 @@ def attn_fwd_kernel(
     # the query tile is encoded once
     p_tc = TC + i_b64 * stride_tab_b
     p_ts = TS + i_b64 * stride_tab_b
-    b_q1, b_q2 = load_encoded(p_q, o_m, m_m, o_d1, m_p1, o_d2, m_p2, stride_qt, stride_qd, pos_m, i_h,
-                              FREQ, FSCALE, p_tc, p_ts, stride_tab_t, TAB_GROUP, o_p1, m_p1, P1, ENC, True)
+    b_q1, b_q2 = load_encoded(p_q, o_m, m_m, o_d1, m_p1, o_d2, m_p2, stride_qt, stride_qd, i_h, p_tc, p_ts,
+                              stride_tab_t, TAB_GROUP, o_p1, m_p1, P1, ENC, ONE_DOT)
     slope = 0.0
     if ENC == ENC_ALIBI:
         slope = tl.load(SLOPES + i_b * stride_slope_b + i_h)
@@ -64,35 +65,36 @@ def attn_fwd_kernel(
     b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     # the keys [lo, hi) this program visits: its split's, the row's (key padding), and those the causal rule and the
-    # window leave to the block (from the block index with default positions, else from bounds.py's ranges)
-    lo, hi = block_key_range(BOUNDS + i_b64 * stride_bounds_b, pid_m, N_BOUNDS, LK, q_pos_offset, win_l, win_r,
-                             CAUSAL, WINDOW, DEFAULT_POS, BLOCK_M, BLOCK_N)
-    lo = tl.maximum(lo, i_s * SPLIT_LEN)
-    n_beg, n_end = key_span(KLEN, i_b, LK, HAS_KLEN, KLEN_LEFT)
-    n_end = tl.minimum(n_end, i_s * SPLIT_LEN + SPLIT_LEN)
-    lo = tl.maximum(lo, n_beg // BLOCK_N * BLOCK_N)
-    hi = tl.minimum(hi, n_end)
-    for start_n in range(lo, hi, BLOCK_N):
-        o_n = start_n + tl.arange(0, BLOCK_N)
-        m_n = o_n < n_end
-        if KLEN_LEFT:  # left padding: the row's keys start at n_beg
-            m_n = m_n & (o_n >= n_beg)
-        pos_n = positions(KPOS + i_b64 * stride_kpos_b, o_n, m_n, 0, DEFAULT_POS)
-        # rotating keys inline is only offered for RoPE/HoPE (FoPE keys are always pre-rotated)
-        b_k1, b_k2 = load_encoded(p_k, o_n, m_n, o_d1, m_p1, o_d2, m_p2, stride_kt, stride_kd, pos_n, i_h,
-                                  FREQ, FSCALE, p_tc, p_ts, stride_tab_t, TAB_GROUP, o_p1, m_p1, P1, ENC, ROTATE_K)
-        b_d1, b_d2 = part_dots(b_q1, b_q2, b_k1, b_k2, ENC, PREC)
-        b_s, _ = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, phase, alpha, softcap, ENC, FAST, SOFTCAP)  # [BM, BN]
-        b_s = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL, WINDOW, win_l, win_r), b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        b_m_use = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows that saw no key yet
-        b_p = tl.exp2(b_s - b_m_use[:, None])
-        b_alpha = tl.exp2(b_m - b_m_use)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_v = tl.load(p_v + o_n[:, None].to(tl.int64) * stride_vt + o_dv[None, :] * stride_vd,
-                      mask=m_n[:, None] & m_dv[None, :], other=0.0)
-        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=PREC)
-        b_m = b_m_new
+    # window leave to the block (from the block index with default positions, else from bounds.py's ranges); the
+    # keys [f_lo, f_hi) every query of the block sees
+    lo, n_beg, n_end, n_tiles, t_a, t_b = key_stages(
+        BOUNDS + i_b64 * stride_bounds_b, pid_m, N_BOUNDS, KLEN, i_b, LK, q_pos_offset, win_l, win_r,
+        i_s * SPLIT_LEN, i_s * SPLIT_LEN + SPLIT_LEN, CAUSAL, WINDOW, DEFAULT_POS, HAS_KLEN, KLEN_LEFT, BLOCK_M, BLOCK_N)
+    # stage 0: the interior tiles, every (query, key) pair visible, no mask; stage 1: the boundary tiles (the
+    # diagonal, the window's edges, ragged and padded key ranges), masked
+    for stage in tl.static_range(2):
+        for i_t in range(0, stage_len(stage, n_tiles, t_a, t_b)):
+            start_n = stage_start(stage, i_t, lo, t_a, t_b, BLOCK_N)
+            o_n, m_n, pos_n = key_tile(start_n, n_beg, n_end, KPOS + i_b64 * stride_kpos_b, KLEN_LEFT, DEFAULT_POS,
+                                       BLOCK_N)
+            # keys as stored: raw, or rotated once per call (rotate.py)
+            b_k1, b_k2 = load_parts(p_k, o_n, m_n, o_d1, m_p1, o_d2, m_p2, stride_kt, stride_kd, ONE_DOT)
+            b_d1, b_d2 = part_dots(b_q1, b_q2, b_k1, b_k2, ENC, PREC, ONE_DOT)
+            b_om = 0.0
+            if ENC == ENC_TAPA:
+                b_om = tapa_omega(pos_m, pos_n, phase, alpha, FAST)
+            b_s, _ = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, b_om, softcap, ENC, FAST, SOFTCAP)  # [BM, BN]
+            if stage == 1:
+                b_s = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL, WINDOW, win_l, win_r), b_s, float("-inf"))
+            b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+            b_m_use = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows that saw no key yet
+            b_p = tl.exp2(b_s - b_m_use[:, None])
+            b_alpha = tl.exp2(b_m - b_m_use)
+            b_l = b_l * b_alpha + tl.sum(b_p, 1)
+            b_v = tl.load(p_v + o_n[:, None].to(tl.int64) * stride_vt + o_dv[None, :] * stride_vd,
+                          mask=m_n[:, None] & m_dv[None, :], other=0.0)
+            b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=PREC)
+            b_m = b_m_new
 
     m_row = b_l > 0
     b_o = b_acc / tl.where(m_row, b_l, 1.0)[:, None]
@@ -110,14 +112,14 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def enc_args(plan: Plan, tables):
-    """Encoding pointers of a kernel call; ``tables``: the FoPE ``(cos, sin)`` tables of the rows the
+    """Encoding pointers of a kernel call; ``tables``: the rotation's ``(cos, sin)`` tables of the rows the
     kernel rotates, each ``(Bt, rows, Ht, P)`` float32 (``None`` otherwise)."""
     tc, ts = tables if tables is not None else (plan.fscale, plan.fscale)  # float32 placeholders
-    return (plan.turns, plan.fscale, tc, ts, plan.slopes)
+    return (tc, ts, plan.slopes)
 
 
 def table_strides(plan: Plan, tables, nheads: int):
-    """``(stride_b, stride_t, group)`` of FoPE tables: query head ``h`` reads table head ``h // group``."""
+    """``(stride_b, stride_t, group)`` of rotation tables: query head ``h`` reads table head ``h // group``."""
     if tables is None:
         return 0, 0, 1
     tc = tables[0]
@@ -140,11 +142,11 @@ def mask_args(window, softcap):
     return (wl, wr, float(softcap or 0.0)), dict(WINDOW=window is not None, SOFTCAP=softcap is not None)
 
 
-def attn_fwd(q, k, v, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool, rotate_k: bool, q_tables=None,
+def attn_fwd(q, k, v, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool, q_tables=None,
              bounds=None, k_lengths=None, num_splits: int = 1, k_left: bool = False, window=None, softcap=None):
     """Launch the forward kernel.
 
-    q: (B, Lq, H, D); k: (B, Lk, Hk, D) (raw, or pre-rotated when ``rotate_k`` is False);
+    q: (B, Lq, H, D) raw; k: (B, Lk, Hk, D) raw, or pre-rotated (``rotate.rotate_tensor``) for a rotation;
     v: (B, Lk, Hkv, Dv); q_pos/k_pos: (Bp, L) int64; ``bounds``: ``bounds.tile_bounds`` of the positions
     (causal or windowed with caller-given positions; else ``None``); ``k_lengths`` (B,) int32: only keys
     ``n < k_lengths[b]`` take part (``k_left``: ``n >= Lk - k_lengths[b]``), or ``None``; ``window`` ``(left,
@@ -180,9 +182,10 @@ def attn_fwd(q, k, v, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool,
         lq, lk, h, h // hkv, h // k.shape[2], tab_group, plan.p1, plan.p2, dv, lk - lq,
         plan.scale, plan.phase, plan.alpha, *bounds_args(kend, bounds is not None), num_splits, split_len,
         *mask_scalars, ENC=plan.enc, CAUSAL=causal, DEFAULT_POS=default_pos, GATHER=plan.gather,
-        HAS_KLEN=k_lengths is not None, KLEN_LEFT=k_left, ROTATE_K=rotate_k, **mask_flags,
+        HAS_KLEN=k_lengths is not None, KLEN_LEFT=k_left, **mask_flags,
         PREC=dot_precision(q.dtype), DTYPE_KEY=str(q.dtype), FAST=not interpreter(),
-        BLOCK_P1=plan.block_p1, BLOCK_P2=plan.block_p2, BLOCK_DV=triton.next_power_of_2(max(dv, 16)),
+        BLOCK_P1=plan.block_p1, BLOCK_P2=plan.block_p2, ONE_DOT=plan.one_dot,
+        BLOCK_DV=triton.next_power_of_2(max(dv, 16)),
     )
     if num_splits == 1:
         return out, lse

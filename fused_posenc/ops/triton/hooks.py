@@ -81,28 +81,14 @@ def store_part(p_x, val, o_r, m_r, o_d, m_d, stride_t, stride_d):
 
 
 @triton.jit
-def rotation_tables(pos, o_r, m_r, head, p_freq, p_fscale, p_tc, p_ts, stride_tab_t, tab_group, o_p, m_p, P,
-                    ENC: tl.constexpr):
-    """cos/sin tables ``[BR, BP]`` (float32) for rows ``o_r`` at integer positions ``pos``.
-
-    RoPE/HoPE: ``cos(angle_j) * scale_j`` computed here from ``p_freq``, the pairs' frequencies as 64-bit turn
-    fractions ``F_j`` (int64, ``encodings/angles.py``): ``pos * F_j mod 2^64`` is exact in wrapping int64
-    arithmetic, its top 32 bits are the angle in turns, ``[-1/2, 1/2)``, with an error of at most
-    ``|pos| 2^-65 + 2^-32`` turns at any position in ``[-2^30, 2^30)``. FoPE: loaded from its per-row tables
-    ``(rows, Ht, P)`` (row stride ``stride_tab_t``), table head ``head // tab_group``.
-    """
-    if ENC == ENC_FOPE:
-        o_tab = o_r[:, None].to(tl.int64) * stride_tab_t + (head // tab_group) * P + o_p[None, :]
-        m_tab = m_r[:, None] & m_p[None, :]
-        cos = tl.load(p_tc + o_tab, mask=m_tab, other=0.0)
-        sin = tl.load(p_ts + o_tab, mask=m_tab, other=0.0)
-    else:
-        turns = tl.load(p_freq + o_p, mask=m_p, other=0)  # [BP] int64
-        scale = tl.load(p_fscale + o_p, mask=m_p, other=0.0)
-        frac = ((pos.to(tl.int64)[:, None] * turns[None, :]) >> 32).to(tl.int32)  # [BR, BP] turns * 2^32
-        ang = frac.to(tl.float32) * TURN_2POW32  # [-pi, pi)
-        cos = tl.cos(ang) * scale[None, :]
-        sin = tl.sin(ang) * scale[None, :]
+def rotation_tables(o_r, m_r, head, p_tc, p_ts, stride_tab_t, tab_group, o_p, m_p, P):
+    """cos/sin tables ``[BR, BP]`` (float32) of rows ``o_r``, read from the call's per-row tables ``(rows, Ht, P)``
+    (row stride ``stride_tab_t``), table head ``head // tab_group``: FoPE's Fourier sums (``fope_tables``), or
+    RoPE/HoPE's scaled ``cos``/``sin`` of exact angles (``rotate.rope_tables``, one table head for all heads)."""
+    o_tab = o_r[:, None].to(tl.int64) * stride_tab_t + (head // tab_group) * P + o_p[None, :]
+    m_tab = m_r[:, None] & m_p[None, :]
+    cos = tl.load(p_tc + o_tab, mask=m_tab, other=0.0)
+    sin = tl.load(p_ts + o_tab, mask=m_tab, other=0.0)
     return cos, sin
 
 
@@ -121,30 +107,39 @@ def rotate_back(g1, g2, cos, sin):
 
 
 @triton.jit
-def load_encoded(p_x, o_r, m_r, o_d1, m_d1, o_d2, m_d2, stride_t, stride_d, pos, head,
-                 p_freq, p_fscale, p_tc, p_ts, stride_tab_t, tab_group, o_p, m_p, P,
-                 ENC: tl.constexpr, APPLY: tl.constexpr):
-    """Load both parts of a tile and, if ``APPLY`` and the encoding rotates, rotate them.
-
-    Returns the parts in the input dtype (ready for ``tl.dot``).
-    """
+def load_parts(p_x, o_r, m_r, o_d1, m_d1, o_d2, m_d2, stride_t, stride_d, ONE_DOT: tl.constexpr = False):
+    """Both parts ``[BR, BP1]``, ``[BR, BP2]`` of a tile as stored; with ``ONE_DOT`` (part 1 is the whole head) part 2
+    is not loaded and part 1 stands in for it (unused)."""
     x1 = load_part(p_x, o_r, m_r, o_d1, m_d1, stride_t, stride_d)
-    x2 = load_part(p_x, o_r, m_r, o_d2, m_d2, stride_t, stride_d)
-    if APPLY:
-        if (ENC == ENC_ROTARY) or (ENC == ENC_FOPE):
-            cos, sin = rotation_tables(pos, o_r, m_r, head, p_freq, p_fscale, p_tc, p_ts, stride_tab_t, tab_group,
-                                       o_p, m_p, P, ENC)
-            y1, y2 = rotate(x1, x2, cos, sin)
-            x1 = y1.to(p_x.dtype.element_ty)
-            x2 = y2.to(p_x.dtype.element_ty)
+    if ONE_DOT:
+        x2 = x1
+    else:
+        x2 = load_part(p_x, o_r, m_r, o_d2, m_d2, stride_t, stride_d)
     return x1, x2
 
 
 @triton.jit
-def part_dots(q1, q2, k1, k2, ENC: tl.constexpr, PREC: tl.constexpr):
-    """``[BM, BN]`` dots of the parts: ``(q1.k1 + q2.k2, unused)``, or ``(q1.k1, q2.k2)`` for TAPA."""
+def load_encoded(p_x, o_r, m_r, o_d1, m_d1, o_d2, m_d2, stride_t, stride_d, head, p_tc, p_ts, stride_tab_t, tab_group,
+                 o_p, m_p, P, ENC: tl.constexpr, ONE_DOT: tl.constexpr = False):
+    """Both parts of a tile, rotated when the encoding rotates (the rows' tables, :func:`rotation_tables`), in the
+    input dtype (ready for ``tl.dot``)."""
+    x1, x2 = load_parts(p_x, o_r, m_r, o_d1, m_d1, o_d2, m_d2, stride_t, stride_d, ONE_DOT)
+    if (ENC == ENC_ROTARY) or (ENC == ENC_FOPE):
+        cos, sin = rotation_tables(o_r, m_r, head, p_tc, p_ts, stride_tab_t, tab_group, o_p, m_p, P)
+        y1, y2 = rotate(x1, x2, cos, sin)
+        x1 = y1.to(p_x.dtype.element_ty)
+        x2 = y2.to(p_x.dtype.element_ty)
+    return x1, x2
+
+
+@triton.jit
+def part_dots(q1, q2, k1, k2, ENC: tl.constexpr, PREC: tl.constexpr, ONE_DOT: tl.constexpr = False):
+    """``[BM, BN]`` dots of the parts: ``(q1.k1 + q2.k2, unused)``, or ``(q1.k1, q2.k2)`` for TAPA; with ``ONE_DOT``
+    (NoPE/ALiBi at a power-of-two head dim: part 1 is the whole head) the one product ``q1.k1``."""
     d1 = tl.dot(q1, tl.trans(k1), input_precision=PREC)
-    if ENC == ENC_TAPA:
+    if ONE_DOT:
+        d2 = d1
+    elif ENC == ENC_TAPA:
         d2 = tl.dot(q2, tl.trans(k2), input_precision=PREC)
     else:
         d1 = tl.dot(q2, tl.trans(k2), d1, input_precision=PREC)
@@ -181,7 +176,10 @@ def fast_sin(psi, FAST: tl.constexpr):
 
 @triton.jit
 def tapa_omega(pos_m, pos_n, phase, alpha, FAST: tl.constexpr):
-    """``phase * |m - n|^alpha`` (0 on the diagonal), float32 ``[BM, BN]``."""
+    """TAPA's ``Omega = phase * |m - n|^alpha`` (0 on the diagonal), float32 ``[BM, BN]``: a log2 and an exp2 per
+    element on the special-function unit. (A per-call table over distances read by a gather, and a sin on the FMA
+    units, were compiled and lost: more instructions per tile than the SFU ops they replaced; README.md, Precision,
+    and benchmarks/results/static_sm90_tiles.md.)"""
     dist = tl.maximum(tl.abs(pos_m[:, None] - pos_n[None, :]).to(tl.float32), 1.0)
     if FAST:
         lg = libdevice.fast_log2f(dist)
@@ -207,13 +205,14 @@ def tanh(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def scores_log2(d1, d2, pos_m, pos_n, scale, slope, phase, alpha, softcap, ENC: tl.constexpr, FAST: tl.constexpr,
+def scores_log2(d1, d2, pos_m, pos_n, scale, slope, omega, softcap, ENC: tl.constexpr, FAST: tl.constexpr,
                 SOFTCAP: tl.constexpr):
     """Scores in log2 units (``score * log2(e)``) from the part dots, and ``t``: with ``SOFTCAP`` the cap's
     ``tanh(s / softcap)`` (its derivative is ``1 - t^2``), else ``s`` itself (unused). The encoding's score ``s``
-    (scale applied) is capped, ALiBi's bias is added after."""
+    (scale applied) is capped, ALiBi's bias is added after. ``omega``: TAPA's ``Omega`` tile (:func:`tapa_omega`;
+    unused otherwise)."""
     if ENC == ENC_TAPA:
-        s = (d1 * scale) * fast_cos(tapa_omega(pos_m, pos_n, phase, alpha, FAST) * d2, FAST)
+        s = (d1 * scale) * fast_cos(omega * d2, FAST)
         if SOFTCAP:
             t = tanh(s / softcap, FAST)
             s = t * (softcap * LOG2E)
@@ -234,8 +233,7 @@ def scores_log2(d1, d2, pos_m, pos_n, scale, slope, phase, alpha, softcap, ENC: 
 
 
 @triton.jit
-def score_grads(ds, t, d1, d2, pos_m, pos_n, scale, phase, alpha, ENC: tl.constexpr, FAST: tl.constexpr,
-                SOFTCAP: tl.constexpr):
+def score_grads(ds, t, d1, d2, omega, scale, ENC: tl.constexpr, FAST: tl.constexpr, SOFTCAP: tl.constexpr):
     """Gradients w.r.t. the two part dots from ``ds = dL/dscore`` (``t``: from :func:`scores_log2`; the cap's
     derivative ``1 - t^2`` comes first).
 
@@ -245,7 +243,6 @@ def score_grads(ds, t, d1, d2, pos_m, pos_n, scale, phase, alpha, ENC: tl.conste
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
     if ENC == ENC_TAPA:
-        omega = tapa_omega(pos_m, pos_n, phase, alpha, FAST)
         psi = omega * d2
         g1 = ds * scale * fast_cos(psi, FAST)
         g2 = -ds * (scale * d1) * fast_sin(psi, FAST) * omega
@@ -258,75 +255,166 @@ def score_grads(ds, t, d1, d2, pos_m, pos_n, scale, phase, alpha, ENC: tl.conste
 @triton.jit
 def key_range(p_krange, pid_m, n_chunks, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys ``[lo, hi)`` query block ``pid_m`` can see under the causal rule and the window with caller-given
-    positions: the union of its 16-row chunks' ranges (``bounds.py``; lo rounded down to a whole ``BLOCK_N``)."""
+    positions: the union of its 16-row chunks' ranges (``bounds.py``; lo rounded down to a whole ``BLOCK_N``); and
+    ``[f_lo, f_hi)``, the keys every query of the block sees (the intersection of the chunks' full ranges)."""
     o_c = pid_m * (BLOCK_M // 16) + tl.arange(0, BLOCK_M // 16)
     m_c = o_c < n_chunks
     lo = tl.min(tl.load(p_krange + o_c, mask=m_c, other=LK), 0) // BLOCK_N * BLOCK_N
     hi = tl.max(tl.load(p_krange + n_chunks + o_c, mask=m_c, other=0), 0)
-    return lo, hi
+    f_lo = tl.max(tl.load(p_krange + 2 * n_chunks + o_c, mask=m_c, other=0), 0)
+    f_hi = tl.min(tl.load(p_krange + 3 * n_chunks + o_c, mask=m_c, other=LK), 0)
+    return lo, hi, f_lo, f_hi
 
 
 @triton.jit
 def query_range(p_qrange, pid_n, n_chunks, LQ, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """Queries ``[lo, hi)`` that can see a key of block ``pid_n`` (the union of its 16-key chunks' ranges; lo
-    rounded down to a whole ``BLOCK_M``)."""
+    rounded down to a whole ``BLOCK_M``), and ``[f_lo, f_hi)``, the queries that see every key of it."""
     o_c = pid_n * (BLOCK_N // 16) + tl.arange(0, BLOCK_N // 16)
     m_c = o_c < n_chunks
     lo = tl.min(tl.load(p_qrange + o_c, mask=m_c, other=LQ), 0) // BLOCK_M * BLOCK_M
     hi = tl.max(tl.load(p_qrange + n_chunks + o_c, mask=m_c, other=0), 0)
-    return lo, hi
+    f_lo = tl.max(tl.load(p_qrange + 2 * n_chunks + o_c, mask=m_c, other=0), 0)
+    f_hi = tl.min(tl.load(p_qrange + 3 * n_chunks + o_c, mask=m_c, other=LQ), 0)
+    return lo, hi, f_lo, f_hi
 
 
 @triton.jit
 def window_key_range(m0, m1, LK, q_pos_offset, win_l, win_r, BLOCK_N: tl.constexpr):
     """Default positions (query ``m`` at ``m + q_pos_offset``, key ``n`` at ``n``): the keys ``[lo, hi)`` that
-    queries ``[m0, m1)`` can see in the window ``(win_l, win_r)`` (-1: unbounded), lo a whole ``BLOCK_N``."""
-    lo = tl.where(win_l >= 0, tl.maximum(m0.to(tl.int64) + q_pos_offset - win_l, 0), 0)
-    hi = tl.where(win_r >= 0, tl.minimum(m1.to(tl.int64) + q_pos_offset + win_r, LK), LK)
-    return (lo // BLOCK_N * BLOCK_N).to(tl.int32), tl.maximum(hi, 0).to(tl.int32)
+    queries ``[m0, m1)`` can see in the window ``(win_l, win_r)`` (-1: unbounded), lo a whole ``BLOCK_N``, and the
+    keys ``[f_lo, f_hi)`` that all of them see."""
+    first = m0.to(tl.int64) + q_pos_offset  # smallest and largest query position of the block
+    last = m1.to(tl.int64) - 1 + q_pos_offset
+    lo = tl.where(win_l >= 0, tl.maximum(first - win_l, 0), 0)
+    hi = tl.where(win_r >= 0, tl.minimum(last + 1 + win_r, LK), LK)
+    f_lo = tl.where(win_l >= 0, tl.minimum(tl.maximum(last - win_l, 0), LK), 0)
+    f_hi = tl.where(win_r >= 0, tl.minimum(tl.maximum(first + 1 + win_r, 0), LK), LK)
+    return (lo // BLOCK_N * BLOCK_N).to(tl.int32), tl.maximum(hi, 0).to(tl.int32), f_lo.to(tl.int32), f_hi.to(tl.int32)
 
 
 @triton.jit
 def window_query_range(n0, n1, LQ, q_pos_offset, win_l, win_r, BLOCK_M: tl.constexpr):
-    """Default positions: the queries ``[lo, hi)`` that can see keys ``[n0, n1)`` in the window."""
-    lo = tl.where(win_r >= 0, tl.maximum(n0.to(tl.int64) - q_pos_offset - win_r, 0), 0)
-    hi = tl.where(win_l >= 0, tl.minimum(n1.to(tl.int64) - q_pos_offset + win_l, LQ), LQ)
-    return (lo // BLOCK_M * BLOCK_M).to(tl.int32), tl.maximum(hi, 0).to(tl.int32)
+    """Default positions: the queries ``[lo, hi)`` that can see keys ``[n0, n1)`` in the window, and ``[f_lo, f_hi)``
+    that see all of them."""
+    first = n0.to(tl.int64) - q_pos_offset  # query indices at the block's smallest and largest key position
+    last = n1.to(tl.int64) - 1 - q_pos_offset
+    lo = tl.where(win_r >= 0, tl.maximum(first - win_r, 0), 0)
+    hi = tl.where(win_l >= 0, tl.minimum(last + 1 + win_l, LQ), LQ)
+    f_lo = tl.where(win_r >= 0, tl.minimum(tl.maximum(last - win_r, 0), LQ), 0)
+    f_hi = tl.where(win_l >= 0, tl.minimum(tl.maximum(first + 1 + win_l, 0), LQ), LQ)
+    return (lo // BLOCK_M * BLOCK_M).to(tl.int32), tl.maximum(hi, 0).to(tl.int32), f_lo.to(tl.int32), f_hi.to(tl.int32)
 
 
 @triton.jit
 def block_key_range(p_krange, pid_m, n_chunks, LK, q_pos_offset, win_l, win_r, CAUSAL: tl.constexpr,
                     WINDOW: tl.constexpr, DEFAULT_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys ``[lo, hi)`` query block ``pid_m`` visits: those the causal rule and the window leave it, from the block
-    index with default positions (``window_key_range``), else from ``bounds.py``'s ranges (``key_range``)."""
+    index with default positions (``window_key_range``), else from ``bounds.py``'s ranges (``key_range``); and the
+    keys ``[f_lo, f_hi)`` that every query of the block sees (their tiles need no mask)."""
     lo = 0
     hi = LK
-    if CAUSAL and DEFAULT_POS:  # keys n <= largest query position of this block
+    f_lo = 0
+    f_hi = LK
+    if CAUSAL and DEFAULT_POS:  # keys n <= largest query position of this block; all see n <= the smallest
         hi = tl.minimum(LK, tl.maximum((pid_m + 1) * BLOCK_M + q_pos_offset, 0))
+        f_hi = tl.minimum(LK, tl.maximum(pid_m * BLOCK_M + q_pos_offset + 1, 0))
     if WINDOW and DEFAULT_POS:
-        w_lo, w_hi = window_key_range(pid_m * BLOCK_M, (pid_m + 1) * BLOCK_M, LK, q_pos_offset, win_l, win_r, BLOCK_N)
+        w_lo, w_hi, w_flo, w_fhi = window_key_range(pid_m * BLOCK_M, (pid_m + 1) * BLOCK_M, LK, q_pos_offset, win_l,
+                                                    win_r, BLOCK_N)
         lo = w_lo
         hi = tl.minimum(hi, w_hi)
+        f_lo = w_flo
+        f_hi = tl.minimum(f_hi, w_fhi)
     if (CAUSAL or WINDOW) and not DEFAULT_POS:
-        lo, hi = key_range(p_krange, pid_m, n_chunks, LK, BLOCK_M, BLOCK_N)
-    return lo, hi
+        lo, hi, f_lo, f_hi = key_range(p_krange, pid_m, n_chunks, LK, BLOCK_M, BLOCK_N)
+    return lo, hi, f_lo, f_hi
 
 
 @triton.jit
 def block_query_range(p_qrange, pid_n, n_chunks, LQ, q_pos_offset, win_l, win_r, CAUSAL: tl.constexpr,
                       WINDOW: tl.constexpr, DEFAULT_POS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Queries ``[lo, hi)`` that can see a key of block ``pid_n`` (the transpose of :func:`block_key_range`)."""
+    """Queries ``[lo, hi)`` that can see a key of block ``pid_n`` and ``[f_lo, f_hi)`` that see all of its keys (the
+    transpose of :func:`block_key_range`)."""
     lo = 0
     hi = LQ
-    if CAUSAL and DEFAULT_POS:  # queries whose position reaches this block's first key
+    f_lo = 0
+    f_hi = LQ
+    if CAUSAL and DEFAULT_POS:  # queries whose position reaches this block's first key; all its keys: its last
         lo = tl.maximum(pid_n * BLOCK_N - q_pos_offset, 0) // BLOCK_M * BLOCK_M
+        f_lo = tl.minimum(tl.maximum((pid_n + 1) * BLOCK_N - 1 - q_pos_offset, 0), LQ)
     if WINDOW and DEFAULT_POS:
-        w_lo, w_hi = window_query_range(pid_n * BLOCK_N, (pid_n + 1) * BLOCK_N, LQ, q_pos_offset, win_l, win_r, BLOCK_M)
+        w_lo, w_hi, w_flo, w_fhi = window_query_range(pid_n * BLOCK_N, (pid_n + 1) * BLOCK_N, LQ, q_pos_offset, win_l,
+                                                      win_r, BLOCK_M)
         lo = tl.maximum(lo, w_lo)
         hi = tl.minimum(hi, w_hi)
+        f_lo = tl.maximum(f_lo, w_flo)
+        f_hi = tl.minimum(f_hi, w_fhi)
     if (CAUSAL or WINDOW) and not DEFAULT_POS:
-        lo, hi = query_range(p_qrange, pid_n, n_chunks, LQ, BLOCK_N, BLOCK_M)
-    return lo, hi
+        lo, hi, f_lo, f_hi = query_range(p_qrange, pid_n, n_chunks, LQ, BLOCK_N, BLOCK_M)
+    return lo, hi, f_lo, f_hi
+
+
+@triton.jit
+def stage_tiles(lo, hi, f_lo, f_hi, BLOCK: tl.constexpr):
+    """Split the tiles ``[lo + t BLOCK, lo + (t + 1) BLOCK)``, ``t < n``, of a loop over ``[lo, hi)`` into the
+    interior ``[t_a, t_b)``, whose tiles lie inside ``[f_lo, f_hi)`` (every pair visible: no mask), and the boundary
+    tiles ``t < t_a`` and ``t >= t_b`` (masked). Returns ``(n, t_a, t_b)``; a loop runs ``stage_len`` tiles per stage,
+    starting at ``stage_start``."""
+    n = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK)
+    t_a = tl.minimum(tl.cdiv(tl.maximum(f_lo - lo, 0), BLOCK), n)
+    t_b = tl.maximum(tl.minimum(tl.maximum(f_hi - lo, 0) // BLOCK, n), t_a)
+    return n, t_a, t_b
+
+
+@triton.jit
+def key_stages(p_krange, pid_m, n_chunks, p_klen, i_b, LK, q_pos_offset, win_l, win_r, split_lo, split_hi,
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DEFAULT_POS: tl.constexpr, HAS_KLEN: tl.constexpr,
+               KLEN_LEFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key loop of query block ``pid_m`` (forward, dq): the keys the causal rule and the window leave it
+    (:func:`block_key_range`) within the key split ``[split_lo, split_hi)`` and the row's keys (:func:`key_span`),
+    cut into interior and boundary tiles. Returns ``(lo, n_beg, n_end, n_tiles, t_a, t_b)``: tiles start at ``lo``,
+    the row's keys are ``[n_beg, n_end)``, :func:`stage_tiles`' split."""
+    lo, hi, f_lo, f_hi = block_key_range(p_krange, pid_m, n_chunks, LK, q_pos_offset, win_l, win_r, CAUSAL, WINDOW,
+                                         DEFAULT_POS, BLOCK_M, BLOCK_N)
+    n_beg, n_end = key_span(p_klen, i_b, LK, HAS_KLEN, KLEN_LEFT)
+    n_end = tl.minimum(n_end, split_hi)
+    lo = tl.maximum(tl.maximum(lo, split_lo), n_beg // BLOCK_N * BLOCK_N)
+    hi = tl.minimum(hi, n_end)
+    n_tiles, t_a, t_b = stage_tiles(lo, hi, tl.maximum(f_lo, n_beg), tl.minimum(f_hi, n_end), BLOCK_N)
+    return lo, n_beg, n_end, n_tiles, t_a, t_b
+
+
+@triton.jit
+def stage_len(STAGE: tl.constexpr, n, t_a, t_b):
+    """Tiles of a stage (:func:`stage_tiles`): 0, the interior ``[t_a, t_b)``; 1, the boundary (the rest)."""
+    if STAGE == 0:
+        count = t_b - t_a
+    else:
+        count = n - (t_b - t_a)
+    return count
+
+
+@triton.jit
+def stage_start(STAGE: tl.constexpr, i, lo, t_a, t_b, BLOCK: tl.constexpr):
+    """First row of the stage's ``i``-th tile: interior tiles ``t_a ..``, boundary tiles ``0 .. t_a - 1`` then
+    ``t_b ..``."""
+    if STAGE == 0:
+        t = t_a + i
+    else:
+        t = tl.where(i < t_a, i, i - t_a + t_b)
+    return lo + t * BLOCK
+
+
+@triton.jit
+def key_tile(start_n, n_beg, n_end, p_kpos, KLEN_LEFT: tl.constexpr, DEFAULT_POS: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """Offsets ``[BN]`` of the key tile at ``start_n``, its mask (the row's keys ``[n_beg, n_end)``) and positions."""
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    m_n = o_n < n_end
+    if KLEN_LEFT:  # left padding: the row's keys start at n_beg
+        m_n = m_n & (o_n >= n_beg)
+    return o_n, m_n, positions(p_kpos, o_n, m_n, 0, DEFAULT_POS)
 
 
 @triton.jit

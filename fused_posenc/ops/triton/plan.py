@@ -6,7 +6,7 @@ call issues no host-to-device copy (a pageable copy would synchronise the stream
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +41,7 @@ class Plan:
     rotation: bool
     k_heads_rot: int = 1  # heads of the pre-rotated keys (nheads_kv, or nheads for per-query-head FoPE)
     fope_learnable: bool = False
+    tables: dict = field(default_factory=dict)  # RoPE/HoPE tables of default positions, by (first position, rows)
 
     @property
     def block_p1(self) -> int:
@@ -50,9 +51,17 @@ class Plan:
     def block_p2(self) -> int:
         return pow2(self.p2)
 
+    @property
+    def one_dot(self) -> bool:
+        """Part 1 is the whole head (NoPE/ALiBi at a power-of-two head dim): one QK product per tile, no part 2."""
+        return self.p2 == 0
+
 
 def _none_split(d: int) -> int:
-    """Split a head for the dot-only encodings so that neither part wastes padding when it can."""
+    """Part 1 of a head for the dot-only encodings: the whole head when its width is a power of two (>= 16: one
+    tensor-core product, no part 2), else a split that wastes no padding when it can."""
+    if d >= 16 and d & (d - 1) == 0:
+        return d
     if d <= 16:
         return max(d // 2, 1)
     return 1 << ((d - 1).bit_length() - 1)
@@ -90,3 +99,4 @@ def make_plan(kp: KernelParams, head_dim: int, nheads: int, nheads_kv: int, scal
             plan.slopes = kp.slopes.to(device=device, dtype=torch.float32).contiguous()
             plan.slope_stride_b = plan.slopes.shape[1] if plan.slopes.shape[0] > 1 else 0
     return plan
+

@@ -77,7 +77,7 @@ def pruner(kind: str, names):
         if interpreter():
             return configs_
         meta = {**named_args, **kwargs}
-        width = meta["BLOCK_P1"] + meta["BLOCK_P2"]
+        width = meta["BLOCK_P1"] + (0 if meta.get("ONE_DOT", False) else meta["BLOCK_P2"])
         width = max(width, meta.get("BLOCK_DV", width))
         klass = 64 if width <= 64 else 128 if width <= 128 else 256
         fp32 = meta["DTYPE_KEY"] == "torch.float32"
