@@ -47,6 +47,13 @@ def _ascending(pos: torch.Tensor) -> torch.Tensor:
     return (pos[:, 1:] >= pos[:, :-1]).all(1, keepdim=True)
 
 
+def _unsorted(device, n: int) -> torch.Tensor:
+    """``(1, 4, 1)`` ranges of rows that do not ascend: all ``n`` rows visible, none fully, ``(0, n, n, 0)``. Built on
+    the device (a list through ``torch.tensor(..., device=)`` is a pageable host-to-device copy, which synchronises)."""
+    row = torch.arange(4, device=device).view(1, 4, 1)
+    return torch.where((row == 1) | (row == 2), n, 0)
+
+
 def window_sides(causal: bool, window):
     """``(left, right)`` of the visibility rule (``None``: unbounded), the causal rule folded in as ``right = 0``."""
     left, right = window if window is not None else (-1, -1)
@@ -79,10 +86,8 @@ def tile_bounds(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, window=N
     # a chunk: q_pos in [kmax - right, kmin + left]
     krange = torch.stack([first(kp, qmin, left), end(kp, qmax, right, lk),
                           first(kp, qmax, left), end(kp, qmin, right, lk)], 1)  # (Bb, 4, nq)
-    nothing_k = torch.tensor([0, lk, lk, 0], device=kp.device)[None, :, None]  # all keys, none fully visible
-    krange = torch.where(_ascending(kp)[:, :, None], krange, nothing_k)
+    krange = torch.where(_ascending(kp)[:, :, None], krange, _unsorted(kp.device, lk))
     qrange = torch.stack([first(qp, kmin, right), end(qp, kmax, left, lq),
                           first(qp, kmax, right), end(qp, kmin, left, lq)], 1)  # (Bb, 4, nk)
-    nothing_q = torch.tensor([0, lq, lq, 0], device=qp.device)[None, :, None]
-    qrange = torch.where(_ascending(qp)[:, :, None], qrange, nothing_q)
+    qrange = torch.where(_ascending(qp)[:, :, None], qrange, _unsorted(qp.device, lq))
     return krange.to(torch.int32).contiguous(), qrange.to(torch.int32).contiguous()
