@@ -9,6 +9,7 @@ real hardware and, with ``--sass``, reports what each variant's compiled code do
         # + the main loop's SASS: instructions per thread per tile, HGMMA, MUFU, LDL/STL, barriers
     python scripts/triton_aot.py --md s.md --from s.csv  # re-render the Markdown report of CSV rows
     python scripts/triton_aot.py --compare before.csv after.csv  # before/after table of two runs
+    python scripts/triton_aot.py --configs-table all.csv --match bwd_dkdv  # every config of a run without --quick
 
 **Specialisation.** A kernel is compiled exactly as Triton's JIT would compile it for a realistic call
 (``--batch 2 --seqlen 4096``, ``nheads = 2048 / headdim``, contiguous ``(B, L, H, D)`` tensors): the
@@ -436,6 +437,15 @@ def _loops(r: dict):
     return r.get("loop_instrs", ""), r.get("mufu", ""), ""
 
 
+def per_score(r: dict, instrs) -> str:
+    """Warp instructions per 1024 score elements of a loop that runs ``instrs`` instructions per thread per tile: the
+    loop's cost per unit of work, comparable across tile shapes (``instrs * warps * 1024 / (BLOCK_M * BLOCK_N)``)."""
+    blocks = ast.literal_eval(r["config"]) if r.get("config") else {}
+    if not str(instrs).isdigit() or "BLOCK_M" not in blocks or "BLOCK_N" not in blocks:
+        return ""
+    return str(round(int(instrs) * int(r["num_warps"]) * 1024 / (blocks["BLOCK_M"] * blocks["BLOCK_N"])))
+
+
 def compare(before_csv: str, after_csv: str) -> str:
     """Markdown table of the variants two CSVs share (the kernels before and after a change; a variant whose
     label lost its encoding, e.g. ``rotate:rope:...`` -> ``rotate:...``, is matched through it): registers, spills,
@@ -443,8 +453,9 @@ def compare(before_csv: str, after_csv: str) -> str:
     tile, local loads/stores per tile, kernel instructions."""
     before = {r["variant"]: r for r in read_rows(before_csv)}
     after = {r["variant"]: r for r in read_rows(after_csv)}
-    lines = ["| variant | regs | spill st/ld B | loop instrs: interior (boundary) | MUFU / interior tile | "
-             "LDL/STL per interior tile | kernel instrs |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | config | regs | spill st/ld B | loop instrs: interior (boundary) | warp instrs per 1024 "
+             "scores (interior) | MUFU / interior tile | LDL/STL per interior tile | kernel instrs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, a in after.items():
         kind, *rest = name.split(":")
         b = before.get(name) or next((r for v, r in before.items() if v.split(":")[0] == kind
@@ -456,11 +467,27 @@ def compare(before_csv: str, after_csv: str) -> str:
         b_ls = f"{b['ldl']}/{b['stl']}" if not b.get("interior_instrs") else f"{b['interior_ldl']}/{b['interior_stl']}"
         a_ls = f"{a['ldl']}/{a['stl']}" if not a.get("interior_instrs") else f"{a['interior_ldl']}/{a['interior_stl']}"
         loop = f"{bi} -> {ai}" + (f" ({ab})" if ab else "")
-        cells = [f"{b['registers']} -> {a['registers']}",
+        bc, ac = _cell(b, "config"), _cell(a, "config")
+        cells = [bc if bc == ac else f"{bc} -> {ac}", f"{b['registers']} -> {a['registers']}",
                  f"{b['spill_bytes']}/{b['spill_load_bytes']} -> {a['spill_bytes']}/{a['spill_load_bytes']}", loop,
-                 f"{bm} -> {am}", f"{b_ls} -> {a_ls}",
+                 f"{per_score(b, bi)} -> {per_score(a, ai)}", f"{bm} -> {am}", f"{b_ls} -> {a_ls}",
                  f"{b['kernel_instrs']} -> {a['kernel_instrs']}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def configs_table(csv_path: str, match: str = "") -> str:
+    """Markdown table of every config of every variant in a CSV (a run without ``--quick``): the interior loop's
+    instructions per tile and per 1024 scores, spills and local memory, to choose a config table's order from."""
+    lines = ["| variant | config | smem KB | regs | spill st/ld B | interior instrs / tile | warp instrs per 1024 scores "
+             "| MUFU / tile | LDL/STL per tile |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in read_rows(csv_path):
+        if match not in r["variant"] or r.get("status") != "ok":
+            continue
+        ii = _loops(r)[0]
+        lines.append(f"| {r['variant']} | {_cell(r, 'config')} | {_cell(r, 'shared_bytes')} | {r['registers']} | "
+                     f"{_cell(r, 'spill')} | {ii} | {per_score(r, ii)} | {r.get('interior_mufu', '')} | "
+                     f"{r.get('interior_ldl', '')}/{r.get('interior_stl', '')} |")
     return "\n".join(lines)
 
 
@@ -638,6 +665,8 @@ def main(argv=None) -> int:
     ap.add_argument("--command", action="append", help="with --md: a command line to list under 'Regenerate'")
     ap.add_argument("--note", action="append", help="with --md: a paragraph under the sources line")
     ap.add_argument("--summary", metavar="CSV", help="print the Markdown spill table of an earlier --csv and exit")
+    ap.add_argument("--configs-table", metavar="CSV",
+                    help="print the Markdown table of every config in a --csv (with --match) and exit")
     ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
                     help="print the Markdown before/after table of two --csv files and exit")
     args = ap.parse_args(argv)
@@ -646,6 +675,9 @@ def main(argv=None) -> int:
         return 0
     if args.compare:
         print(compare(*args.compare))
+        return 0
+    if args.configs_table:
+        print(configs_table(args.configs_table, args.match))
         return 0
     if args.from_csv:
         if not args.md:

@@ -14,20 +14,25 @@ def _key(cfg, names):
     return cfg.kwargs[names[0]], cfg.kwargs[names[1]], cfg.num_warps, cfg.num_stages
 
 
+@pytest.mark.parametrize("enc", [0, tuning.ENC_TAPA])
 @pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv"])
 @pytest.mark.parametrize("dtype", ["torch.float16", "torch.bfloat16", "torch.float32"])
 @pytest.mark.parametrize("p1,p2,dv,klass", [(32, 0, 64, 64), (64, 0, 64, 64), (40, 40, 80, 128), (64, 64, 128, 128),
                                             (128, 128, 256, 256), (128, 0, 96, 128), (32, 32, 200, 256),
                                             (64, -16, 64, 64), (128, -16, 128, 128), (256, -16, 256, 256)])
-def test_pruner_keeps_the_class_space_in_order(monkeypatch, kind, dtype, p1, p2, dv, klass):
+def test_pruner_keeps_the_class_space_in_order(monkeypatch, enc, kind, dtype, p1, p2, dv, klass):
     """``p2 < 0``: a one-dot call (``ONE_DOT``: part 1 is the whole head, ``BLOCK_P2`` the unused minimum 16),
-    classed by part 1 alone."""
+    classed by part 1 alone. TAPA's dk/dv kernel has a table of its own (half precision)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("FUSED_POSENC_AUTOTUNE", raising=False)
     names = NAMES[kind]
     offered = tuning.configs(kind, names)
-    table = tuning._FP32 if dtype == "torch.float32" else tuning._TABLES[kind]
-    meta = {"BLOCK_P1": p1, "BLOCK_P2": abs(p2), "ONE_DOT": p2 < 0, "BLOCK_DV": dv, "DTYPE_KEY": dtype}
+    table = tuning._TABLES[kind]
+    if dtype == "torch.float32":
+        table = tuning._FP32
+    elif kind == "dkdv" and enc == tuning.ENC_TAPA:
+        table = tuning._DKDV_TAPA
+    meta = {"BLOCK_P1": p1, "BLOCK_P2": abs(p2), "ONE_DOT": p2 < 0, "BLOCK_DV": dv, "DTYPE_KEY": dtype, "ENC": enc}
     kept = tuning.pruner(kind, names)["early_config_prune"](offered, meta)
     assert [_key(c, names) for c in kept] == table[klass]
     monkeypatch.setenv("FUSED_POSENC_AUTOTUNE", "0")
@@ -41,15 +46,15 @@ def test_interpreter_runs_one_small_config(monkeypatch):
     assert cfg.kwargs == {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
-@pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv"])
+@pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv", "dkdv-tapa"])
 def test_half_precision_configs_give_every_warp_16_rows(kind):
-    """No half-precision config lets two warpgroups duplicate a chained dot: the score tile's rows (queries:
-    config[0] for fwd/dq, config[1] for dk/dv) and dk/dv's accumulated rows (keys, config[0]) are >= 16 per
-    warp. fp32 (FMA dots) is exempt."""
-    rows = {"fwd": (0,), "dq": (0,), "dkdv": (0, 1)}[kind]
-    for klass, cfgs in tuning._TABLES[kind].items():
+    """No half-precision config lets two warpgroups duplicate a chained dot: the rows of the score tiles and of the
+    accumulators (the stationary block, config[0]: queries for fwd/dq, keys for dk/dv, which works on S^T) are >= 16
+    per warp. fp32 (FMA dots) is exempt."""
+    table = tuning._DKDV_TAPA if kind == "dkdv-tapa" else tuning._TABLES[kind]
+    for klass, cfgs in table.items():
         for c in cfgs:
-            assert all(c[i] >= 16 * c[2] for i in rows), f"{kind} d{klass}: {c} gives a warp < 16 rows"
+            assert c[0] >= 16 * c[2], f"{kind} d{klass}: {c} gives a warp < 16 rows"
 
 
 def test_pruner_drops_a_config_with_too_few_rows(monkeypatch):

@@ -4,44 +4,96 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ...encodings.base import encoding_by_id
 from ..autograd_util import PerEncodingCache, single_backward
 from ..native import lse_grad_pass
-from ...backends.common import learnable_slopes
 from .bounds import tile_bounds
 from .bwd import attn_bwd
 from .fwd import attn_fwd
-from .plan import Plan, make_plan
+from .plan import Plan, interpreter, make_plan, traced
 from .rotate import rope_tables, rotate_tensor
 
 _PLANS = PerEncodingCache()
 
 
-# The launches as torch.library custom ops (as ops/native.py's): torch.compile traces a call as one node, with
-# shapes from the fake implementations; the plan (kernel parameters, cached per encoding) is built inside, found
-# by the encoding's id. Empty tensors stand for "none" (FoPE tables of other encodings, gradients not wanted).
+# The launches as torch.library ops: Triton ops on a GPU (torch.compile traces through them to the kernels, which
+# Inductor compiles into its graph), custom ops under the interpreter (one opaque node each, shapes from the fake
+# implementations). The plan (kernel parameters, cached per encoding) is built inside, found by the encoding's id.
+# Empty tensors stand for "none" (FoPE tables of other encodings, gradients not wanted).
 def _opt(t):
     return None if t.numel() == 0 else t
 
 
-def _plan_of(enc_id: int, q, k, scale: float, fope_learnable: bool) -> Plan:
+def _plan_of(enc_id: int, q, k, scale: float, fope_learnable: bool, slopes) -> Plan:
+    """The call's plan; ``slopes``: caller-given ALiBi slopes ``(Bs, H)`` float32, read by the kernels from the op's
+    input (so a compiled graph sees their current values, never a copy taken when it was traced), or empty."""
     b, _, h, d = q.shape
-    plan = _cached_plan(encoding_by_id(enc_id), d, h, k.shape[2], b, q.device, scale)
-    return Plan(**{**plan.__dict__, "fope_learnable": fope_learnable}) if plan.enc == 2 else plan
+    enc = encoding_by_id(enc_id)
+    plan = (_traced_plan if traced(q) else _cached_plan)(enc, d, h, k.shape[2], b, q.device, scale)
+    if plan.enc == 2:
+        plan = Plan(**{**plan.__dict__, "fope_learnable": fope_learnable})
+    if plan.enc == 3 and slopes.numel():
+        stride_b = slopes.shape[1] if slopes.shape[0] > 1 else 0
+        plan = Plan(**{**plan.__dict__, "slopes": slopes, "slope_stride_b": stride_b})
+    return plan
 
 
-@torch.library.custom_op("fused_posenc::triton_forward", mutates_args=())
+def _traced_plan(enc, d, h, hkv, b, device, scale) -> Plan:
+    """The plan of a call torch.compile traces: the cached plan, built for real outside the trace, with its tensors
+    entering the graph as constants (``lift_fresh_copy`` of the real device tensors: no host-to-device copy per call)
+    and no table cache (RoPE tables are built in the graph)."""
+    with _disable_current_modes():  # no tracing mode sees the plan's construction
+        plan = _cached_plan(enc, d, h, hkv, b, device, scale)
+    fields = {name: torch.ops.aten.lift_fresh_copy.default(v) if isinstance(v, torch.Tensor) else v
+              for name, v in plan.__dict__.items()}
+    return Plan(**{**fields, "tables": {}})
+
+
+def _forward_fake(q, k, v, tcq, tsq, tck, tsk, q_pos, k_pos, k_lengths, slopes, enc_id, scale, causal, default_pos,
+                  fope_learnable, num_splits=1, k_left=False, window_left=-1, window_right=-1, softcap=0.0):
+    b, lq, h, _ = q.shape
+    return q.new_empty(b, lq, h, v.shape[3]), q.new_empty(b, h, lq, dtype=torch.float32)
+
+
+def _backward_fake(do, q, k, v, out, lse, tcq, tsq, tck, tsk, q_pos, k_pos, k_lengths, slopes, enc_id, scale, causal,
+                   default_pos, fope_learnable, slope_grad, k_left=False, window_left=-1, window_right=-1, softcap=0.0):
+    tabs = fope_learnable and tcq.numel() > 0
+    tab_grads = [q.new_empty(t.shape if tabs else (0,), dtype=torch.float32) for t in (tcq, tsq, tck, tsk)]
+    dslopes = q.new_empty((q.shape[0], q.shape[2]) if slope_grad else (0,), dtype=torch.float32)
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *tab_grads, dslopes]
+
+
+def _launch_op(name: str, fake):
+    """Register a launcher as the custom op ``name``: a ``torch.library.triton_op`` on a GPU, so that torch.compile
+    traces into it and the Triton kernels become graph nodes that Inductor compiles and schedules (the function,
+    run on fake tensors, is its own fake implementation); under the interpreter, whose kernels cannot run on fake
+    tensors, a ``custom_op`` (one opaque graph node) with the fake implementation ``fake``."""
+
+    def register(fn):
+        if interpreter():
+            op = torch.library.custom_op(name, mutates_args=())(fn)
+            op.register_fake(fake)
+            return op
+        return torch.library.triton_op(name, mutates_args=())(fn)
+
+    return register
+
+
+@_launch_op("fused_posenc::triton_forward", _forward_fake)
 def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tcq: torch.Tensor, tsq: torch.Tensor,
                    tck: torch.Tensor, tsk: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                   k_lengths: torch.Tensor, enc_id: int, scale: float, causal: bool, default_pos: bool,
+                   k_lengths: torch.Tensor, slopes: torch.Tensor, enc_id: int, scale: float, causal: bool,
+                   default_pos: bool,
                    fope_learnable: bool, num_splits: int = 1, k_left: bool = False, window_left: int = -1,
                    window_right: int = -1, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``out (B, Lq, H, Dv)`` in q's dtype, ``lse (B, H, Lq)`` float32 (log2 domain). FoPE tables ``(Bt, rows, Ht,
     P)`` float32 for the query and key rows, or empty tensors; ``k_lengths (B,)`` int32 (key padding; ``k_left``:
-    they count the last keys) or empty; ``num_splits``: key ranges run by separate programs and merged
-    (flash-decoding); the window's sides (-1: unbounded, both: no window) and the softcap (0: none)."""
-    plan = _plan_of(enc_id, q, k, scale, fope_learnable)
+    they count the last keys) or empty; ``slopes (Bs, H)`` float32, caller-given ALiBi slopes, or empty;
+    ``num_splits``: key ranges run by separate programs and merged (flash-decoding); the window's sides (-1:
+    unbounded, both: no window) and the softcap (0: none)."""
+    plan = _plan_of(enc_id, q, k, scale, fope_learnable, slopes)
     q_tab, k_tab = _rotation_tables(plan, tcq, tsq, tck, tsk, q_pos, k_pos, default_pos)
     k_arg = rotate_tensor(k, plan, plan.k_heads_rot, k_tab, nheads=q.shape[2]) if plan.rotation else k
     window, cap = _mask(window_left, window_right, softcap)
@@ -85,22 +137,16 @@ def _bounds(q_pos, k_pos, causal: bool, window, default_pos: bool):
     return tile_bounds(q_pos, k_pos, causal, window) if (causal or window is not None) and not default_pos else None
 
 
-@triton_forward.register_fake
-def _(q, k, v, tcq, tsq, tck, tsk, q_pos, k_pos, k_lengths, enc_id, scale, causal, default_pos, fope_learnable,
-      num_splits=1, k_left=False, window_left=-1, window_right=-1, softcap=0.0):
-    b, lq, h, _ = q.shape
-    return q.new_empty(b, lq, h, v.shape[3]), q.new_empty(b, h, lq, dtype=torch.float32)
-
-
-@torch.library.custom_op("fused_posenc::triton_backward", mutates_args=())
+@_launch_op("fused_posenc::triton_backward", _backward_fake)
 def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                     lse: torch.Tensor, tcq: torch.Tensor, tsq: torch.Tensor, tck: torch.Tensor, tsk: torch.Tensor,
-                    q_pos: torch.Tensor, k_pos: torch.Tensor, k_lengths: torch.Tensor, enc_id: int, scale: float,
+                    q_pos: torch.Tensor, k_pos: torch.Tensor, k_lengths: torch.Tensor, slopes: torch.Tensor,
+                    enc_id: int, scale: float,
                     causal: bool, default_pos: bool, fope_learnable: bool, slope_grad: bool, k_left: bool = False,
                     window_left: int = -1, window_right: int = -1, softcap: float = 0.0) -> list[torch.Tensor]:
     """``[dq, dk, dv, dtcq, dtsq, dtck, dtsk, dslopes]``: the table gradients in the tables' shapes (learnable
     FoPE), ``dslopes (B, H)`` float32 (``slope_grad``), else empty tensors."""
-    plan = _plan_of(enc_id, q, k, scale, fope_learnable)
+    plan = _plan_of(enc_id, q, k, scale, fope_learnable, slopes)
     q_tab, k_tab = _rotation_tables(plan, tcq, tsq, tck, tsk, q_pos, k_pos, default_pos)
     q_rot = k_rot = None
     if plan.rotation:
@@ -118,19 +164,10 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     return [dq, dk, dv, *tab_grads, q.new_empty(0, dtype=torch.float32) if dslopes is None else dslopes]
 
 
-@triton_backward.register_fake
-def _(do, q, k, v, out, lse, tcq, tsq, tck, tsk, q_pos, k_pos, k_lengths, enc_id, scale, causal, default_pos,
-      fope_learnable, slope_grad, k_left=False, window_left=-1, window_right=-1, softcap=0.0):
-    tabs = fope_learnable and tcq.numel() > 0
-    tab_grads = [q.new_empty(t.shape if tabs else (0,), dtype=torch.float32) for t in (tcq, tsq, tck, tsk)]
-    dslopes = q.new_empty((q.shape[0], q.shape[2]) if slope_grad else (0,), dtype=torch.float32)
-    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *tab_grads, dslopes]
-
-
 class TritonAttention(torch.autograd.Function):
     """Inputs: q (B, Lq, H, D), k (B, Lk, Hkv, D), v (B, Lk, Hkv, Dv); FoPE tables ``(Bt, rows, Ht, P)``
-    float32 for the query and key rows (empty tensors for other encodings); ALiBi slopes ``(Bs, H)`` when their
-    gradient is wanted (the kernels read the plan's detached copy of the same values; else an empty tensor);
+    float32 for the query and key rows (empty tensors for other encodings); caller-given ALiBi slopes ``(Bs, H)``
+    float32 (the kernels read them; their gradient is returned when they require grad), else an empty tensor;
     positions (Bp, L) int64; key lengths (B,) int32 or an empty tensor; the encoding, the score scale, causal,
     default positions, FoPE learnable, return the lse, the key splits of the forward (flash-decoding), and the
     masking scalars ``(k_left, window_left, window_right, softcap)`` of the custom ops."""
@@ -138,9 +175,9 @@ class TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, tcq, tsq, tck, tsk, slopes, q_pos, k_pos, k_lengths, enc, scale, causal, default_pos,
                 fope_learnable, return_lse, num_splits=1, masking=(False, -1, -1, 0.0)):
-        out, lse = triton_forward(q, k, v, tcq, tsq, tck, tsk, q_pos, k_pos, k_lengths, id(enc), scale, causal,
-                                  default_pos, fope_learnable, num_splits, *masking)
-        ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, k_lengths, tcq, tsq, tck, tsk)
+        out, lse = triton_forward(q, k, v, tcq, tsq, tck, tsk, q_pos, k_pos, k_lengths, slopes, id(enc), scale,
+                                  causal, default_pos, fope_learnable, num_splits, *masking)
+        ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, k_lengths, tcq, tsq, tck, tsk, slopes)
         ctx.slopes_batch = slopes.shape[0] if slopes.numel() else None
         ctx.enc = enc  # alive until the backward
         ctx.args = (scale, causal, default_pos, fope_learnable)
@@ -154,12 +191,12 @@ class TritonAttention(torch.autograd.Function):
     @staticmethod
     @single_backward
     def backward(ctx, do, dlse=None):
-        q, k, v, out, lse, q_pos, k_pos, k_lengths, tcq, tsq, tck, tsk = ctx.saved_tensors
+        q, k, v, out, lse, q_pos, k_pos, k_lengths, tcq, tsq, tck, tsk, slopes = ctx.saved_tensors
         slope_grad = ctx.slopes_batch is not None and ctx.needs_input_grad[7]
 
         def run(do, v, out):
-            return triton_backward(do, q, k, v, out, lse, tcq, tsq, tck, tsk, q_pos, k_pos, k_lengths, id(ctx.enc),
-                                   *ctx.args, slope_grad, *ctx.masking)
+            return triton_backward(do, q, k, v, out, lse, tcq, tsq, tck, tsk, q_pos, k_pos, k_lengths, slopes,
+                                   id(ctx.enc), *ctx.args, slope_grad, *ctx.masking)
 
         parts, dv = [], None
         if do is not None:
@@ -205,7 +242,8 @@ def triton_attention(p, num_splits: int = 1) -> torch.Tensor:
     b, lq, lk, h, hkv, d, dv = p.shape
     scale = enc.score_scale(d, p.softmax_scale)
     tables = [torch.empty(0, device=p.q.device) for _ in range(4)]  # distinct: apply takes no duplicate inputs
-    slopes = enc.slopes(h, b, p.q.device) if learnable_slopes(p) else torch.empty(0, device=p.q.device)
+    given = enc.name == "alibi" and getattr(enc, "_slopes", None) is not None  # caller-given slopes: an input
+    slopes = enc.slopes(h, b, p.q.device).contiguous() if given else torch.empty(0, device=p.q.device)
     learnable = False
     if enc.name == "fope":
         learnable = enc.learnable and torch.is_grad_enabled()

@@ -11,8 +11,8 @@ from .fwd import bounds_args, dot_precision, enc_args, mask_args, table_strides
 from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, ENC_TAPA, block_query_range, head_layout, key_span,
                     key_stages, key_tile, load_parts, part_dots, positions, program_ids, rotate, rotate_back,
                     rotation_tables, score_grads, scores_log2, stage_len, stage_start, stage_tiles, store_part,
-                    tapa_omega, visible)
-from .plan import Plan, interpreter
+                    tapa_omega, visible, visible_t)
+from .plan import Plan, interpreter, launcher
 from .tuning import configs, pruner
 
 
@@ -129,21 +129,23 @@ def attn_bwd_dkdv_kernel(
                                mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
                 b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf"))
                 b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
-                b_d1, b_d2 = part_dots(b_q1, b_q2, b_kr1, b_kr2, ENC, PREC, ONE_DOT)
+                # transposed tiles, keys as rows (the Triton tutorial's form): S^T = K Q^T, so P^T and dS^T feed
+                # the dV and dK products as they are, with no transpose of a score tile through shared memory
+                b_d1, b_d2 = part_dots(b_kr1, b_kr2, b_q1, b_q2, ENC, PREC, ONE_DOT)  # [BN, BM]
                 b_om = 0.0
                 if ENC == ENC_TAPA:
-                    b_om = tapa_omega(pos_m, pos_n, phase, alpha, FAST)
-                b_s, b_t = scores_log2(b_d1, b_d2, pos_m, pos_n, scale, slope, b_om, softcap, ENC, FAST, SOFTCAP)
-                b_p = tl.exp2(b_s - b_lse[:, None])  # [BM, BN]
+                    b_om = tapa_omega(pos_n, pos_m, phase, alpha, FAST)  # |m - n|: either orientation
+                b_s, b_t = scores_log2(b_d1, b_d2, pos_n, pos_m, scale, slope, b_om, softcap, ENC, FAST, SOFTCAP)
+                b_pt = tl.exp2(b_s - b_lse[None, :])  # [BN, BM]
                 if stage == 1:
-                    b_p = tl.where(visible(pos_m, pos_n, m_m, m_n, CAUSAL, WINDOW, win_l, win_r), b_p, 0.0)
-                b_dv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, b_dv, input_precision=PREC)
-                b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)  # [BM, BN]
-                b_ds = b_p * (b_dp - b_delta[:, None])
-                b_g1, b_g2 = score_grads(b_ds, b_t, b_d1, b_d2, b_om, scale, ENC, FAST, SOFTCAP)
-                b_dkr1 = tl.dot(tl.trans(b_g1.to(b_q1.dtype)), b_q1, b_dkr1, input_precision=PREC)
+                    b_pt = tl.where(visible_t(pos_n, pos_m, m_n, m_m, CAUSAL, WINDOW, win_l, win_r), b_pt, 0.0)
+                b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=PREC)
+                b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)  # [BN, BM]
+                b_dst = b_pt * (b_dpt - b_delta[None, :])
+                b_g1, b_g2 = score_grads(b_dst, b_t, b_d1, b_d2, b_om, scale, ENC, FAST, SOFTCAP)
+                b_dkr1 = tl.dot(b_g1.to(b_q1.dtype), b_q1, b_dkr1, input_precision=PREC)
                 if not ONE_DOT:
-                    b_dkr2 = tl.dot(tl.trans(b_g2.to(b_q2.dtype)), b_q2, b_dkr2, input_precision=PREC)
+                    b_dkr2 = tl.dot(b_g2.to(b_q2.dtype), b_q2, b_dkr2, input_precision=PREC)
         if ROTATION:
             b_u1, b_u2 = rotate_back(b_dkr1, b_dkr2, b_cos, b_sin)
             b_dk1 += b_u1
@@ -290,7 +292,7 @@ def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, defa
     dv_ = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     delta = torch.empty(b, h, lq, device=q.device, dtype=torch.float32)
     block_dv = triton.next_power_of_2(max(dv, 16))
-    attn_bwd_preprocess_kernel[(triton.cdiv(lq, 64) * b * h,)](
+    launcher(attn_bwd_preprocess_kernel)[(triton.cdiv(lq, 64) * b * h,)](
         out, do, delta, *out.stride(), *do.stride(), lq, h, dv, BLOCK_M=64, BLOCK_DV=block_dv)
     fope_grad = plan.enc == 2 and plan.fope_learnable
     if fope_grad:
@@ -311,14 +313,14 @@ def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, defa
     kt_b, kt_t, kt_group = table_strides(plan, k_tables, h)
     qt_b, qt_t, qt_group = table_strides(plan, q_tables, h)
 
-    attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)](
+    launcher(attn_bwd_dkdv_kernel)[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * b * hkv,)](
         q_stream, k, v, do, lse, delta, dk, dv_, tabs[2], tabs[3], q_pos, k_pos, plan.idx1, plan.idx2, klen,
         *enc_args(plan, k_tables), *q_stream.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         *dv_.stride(), *pos_strides, kt_b, kt_t, lq, lk, h, hkv, h // hkv, kt_group, *scalars,
         *bounds_args(plan.idx1 if bounds is None else bounds[1], bounds is not None), *mask_scalars, **common)
     slope_grad = slope_grad and plan.enc == 3
     dslope = torch.empty(b, h, lq, device=q.device, dtype=torch.float32) if slope_grad else delta
-    attn_bwd_dq_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)](
+    launcher(attn_bwd_dq_kernel)[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * b * h,)](
         q, k_stream, v, do, lse, delta, dq, tabs[0], tabs[1], dslope, q_pos, k_pos, plan.idx1, plan.idx2, klen,
         *enc_args(plan, q_tables), *q.stride(), *k_stream.stride(), *v.stride(), *do.stride(), *dq.stride(),
         *pos_strides, qt_b, qt_t, lq, lk, h, h // hkv, h // k_stream.shape[2], qt_group, *scalars,

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .hooks import (ENC_ALIBI, ENC_TAPA, head_layout, key_stages, key_tile, load_encoded, load_parts, part_dots,
                     positions, program_ids, scores_log2, stage_len, stage_start, tapa_omega, visible)
-from .plan import Plan, interpreter
+from .plan import Plan, interpreter, launcher
 from .tuning import configs, pruner
 
 
@@ -174,7 +174,7 @@ def attn_fwd(q, k, v, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool,
     tab_b, tab_t, tab_group = table_strides(plan, q_tables, h)
     kend = plan.idx1 if bounds is None else bounds[0]
     mask_scalars, mask_flags = mask_args(window, softcap)
-    attn_fwd_kernel[grid](
+    launcher(attn_fwd_kernel)[grid](
         q, k, v, out, lse, q_pos, k_pos, plan.idx1, plan.idx2, plan.idx1 if k_lengths is None else k_lengths,
         *enc_args(plan, q_tables), *q.stride(), *k.stride(), *v.stride(), *o_strides, *split_strides,
         q_pos.stride(0) if q_pos.shape[0] > 1 else 0, k_pos.stride(0) if k_pos.shape[0] > 1 else 0,

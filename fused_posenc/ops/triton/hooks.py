@@ -433,13 +433,25 @@ def key_span(p_klen, i_b, LK, HAS_KLEN: tl.constexpr, KLEN_LEFT: tl.constexpr):
 
 
 @triton.jit
+def pair_mask(d, mask, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, win_l, win_r):
+    """``mask`` (the pairs in range) and the visibility rule on ``d = q_pos - k_pos`` (a tile of either orientation):
+    causal ``d >= 0``, the window ``-win_r <= d <= win_l`` (-1: unbounded side). ``|d| < 2^31``: positions lie in
+    ``[-2^30, 2^30)``."""
+    if CAUSAL:
+        mask = mask & (d >= 0)
+    if WINDOW:
+        mask = mask & ((win_l < 0) | (d <= win_l)) & ((win_r < 0) | (-d <= win_r))
+    return mask
+
+
+@triton.jit
 def visible(pos_m, pos_n, m_m, m_n, CAUSAL: tl.constexpr, WINDOW: tl.constexpr = False, win_l=-1, win_r=-1):
     """``[BM, BN]`` mask of the (query, key) pairs that take part in the softmax: in range, the causal rule
     ``k_pos <= q_pos``, and the window ``q_pos - win_l <= k_pos <= q_pos + win_r`` (-1: unbounded side)."""
-    mask = m_m[:, None] & m_n[None, :]
-    if CAUSAL:
-        mask = mask & (pos_n[None, :] <= pos_m[:, None])
-    if WINDOW:
-        d = pos_m[:, None] - pos_n[None, :]  # |d| < 2^31: positions in [-2^30, 2^30)
-        mask = mask & ((win_l < 0) | (d <= win_l)) & ((win_r < 0) | (-d <= win_r))
-    return mask
+    return pair_mask(pos_m[:, None] - pos_n[None, :], m_m[:, None] & m_n[None, :], CAUSAL, WINDOW, win_l, win_r)
+
+
+@triton.jit
+def visible_t(pos_n, pos_m, m_n, m_m, CAUSAL: tl.constexpr, WINDOW: tl.constexpr = False, win_l=-1, win_r=-1):
+    """The transpose of :func:`visible`: ``[BN, BM]``, keys as rows (the dk/dv kernel's ``S^T`` tiles)."""
+    return pair_mask(pos_m[None, :] - pos_n[:, None], m_n[:, None] & m_m[None, :], CAUSAL, WINDOW, win_l, win_r)

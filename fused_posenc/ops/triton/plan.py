@@ -9,6 +9,9 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import triton
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 from ...encodings.base import KernelParams
 
@@ -17,6 +20,24 @@ ENC_CODES = {"none": 0, "rotary": 1, "fope": 2, "alibi": 3, "tapa": 4}
 
 def interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launcher(kernel):
+    """``kernel`` as a launcher calls it (``launcher(kernel)[grid](...)``): through ``torch.library.wrap_triton``, so
+    that torch.compile traces the launch into its graph as a ``triton_kernel_wrapper`` node, which Inductor compiles
+    and schedules itself (an eager call of the op runs the kernel directly: ``triton_op`` turns the wrapper off).
+    Under the interpreter the kernels are not compiled Triton functions and run eagerly only; a stand-in object (the
+    static report's recorder, ``scripts/triton_aot.py``) is called as it is."""
+    if interpreter() or not isinstance(kernel, (triton.runtime.JITFunction, triton.runtime.Autotuner,
+                                                triton.runtime.Heuristics)):
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def traced(t: torch.Tensor) -> bool:
+    """Whether ``t`` stands in for data while torch.compile traces a call (a fake or functional tensor): a launcher
+    must then build its constants into the graph and keep nothing it made in a cache (``autograd.py``)."""
+    return isinstance(t, (FakeTensor, FunctionalTensor))
 
 
 def pow2(n: int, minimum: int = 16) -> int:

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .hooks import TURN_2POW32, load_parts, part_offsets, program_ids, rotate, rotation_tables, store_part
 from .fwd import table_strides
-from .plan import Plan
+from .plan import Plan, launcher
 
 
 @triton.jit
@@ -85,7 +85,7 @@ def rope_tables(plan: Plan, pos: torch.Tensor):
     tc = torch.empty(bp, t, 1, plan.p1, device=pos.device, dtype=torch.float32)
     ts = torch.empty_like(tc)
     block_t = 16 if t <= 16 else 64
-    rope_table_kernel[(triton.cdiv(t, block_t), bp)](
+    launcher(rope_table_kernel)[(triton.cdiv(t, block_t), bp)](
         pos, plan.turns, plan.fscale, tc, ts, pos.stride(0) if bp > 1 else 0, t, plan.p1,
         BLOCK_T=block_t, BLOCK_P=plan.block_p1)
     return tc, ts
@@ -109,7 +109,7 @@ def rotate_tensor(x: torch.Tensor, plan: Plan, heads_out: int, tables, nheads: i
     y = torch.empty(b, t, heads_out, d, device=x.device, dtype=x.dtype)
     block_t = rotate_block_t(t, plan.block_p1)
     grid = (triton.cdiv(t, block_t) * b,)
-    rotate_fwd_kernel[grid](
+    launcher(rotate_fwd_kernel)[grid](
         x, y, plan.idx1, plan.idx2, tables[0], tables[1],
         *x.stride(), *y.stride(), tab_b, tab_t,
         t, heads_out, heads_out // hx, nheads // heads_out, tab_group, plan.p1,

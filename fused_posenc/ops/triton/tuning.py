@@ -17,10 +17,10 @@ _FWD = {
     128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
     256: [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],  # (64, 64, 8 warps) first gave each warp 8 rows
 }
-# backward, one table per kernel: (stationary, streaming, warps, stages); dq keeps queries stationary (score rows =
-# its stationary block), dk/dv keeps keys stationary (score rows = its streaming block, dK/dV rows = its stationary
-# one). Every half-precision config gives each warp >= 16 rows of every chained dot (ROWS_PER_WARP below, the
-# Triton tutorial's rule): the old first config (64, 64, 8 warps) gave 8, so both warpgroups issued the same wgmma
+# backward, one table per kernel: (stationary, streaming, warps, stages); dq keeps queries stationary, dk/dv keeps
+# keys stationary, and in both the stationary block is the rows of the score tiles and of the accumulators. Every
+# half-precision config gives each warp >= 16 rows of every chained dot (ROWS_PER_WARP below, the Triton tutorial's
+# rule): the old first config (64, 64, 8 warps) gave 8, so both warpgroups issued the same wgmma
 # and exp2 (benchmarks/results/static_sm90.md: 32 exp2 per thread per tile where 16 are needed). Static evidence
 # only (no GPU timing yet): scripts/triton_aot.py --sass, the before/after table in static_sm90.md.
 _DQ = {
@@ -28,15 +28,28 @@ _DQ = {
     128: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
     256: [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 16, 4, 2)],
 }
+# dk/dv works on S^T = K Q^T (keys as rows, bwd.py): (key block, query block, warps, stages). Chosen by the static
+# sm_90 report (benchmarks/results/static_sm90_dkdv.md: interior-loop instructions per score, local memory)
 _DKDV = {
-    64: [(64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 2)],
-    128: [(64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 2)],
-    256: [(64, 64, 4, 2), (64, 64, 4, 1), (128, 64, 4, 1)],
+    64: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)],
+    128: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+    256: [(64, 64, 4, 2), (128, 32, 8, 1), (64, 32, 4, 2), (64, 16, 4, 2)],
 }
-# the kernels' score-tile rows (queries) and, for dk/dv, the accumulated rows (keys): index into a config tuple
-_ROWS = {"fwd": (0,), "dq": (0,), "dkdv": (0, 1)}
+# TAPA's dk/dv loop holds about seven score-sized tiles beside the dK/dV accumulators: 32-query tiles keep it out of
+# local memory (d128: 175/130 LDL/STL per tile at 64 x 64 before the transposed form, 1/0 at 128 x 32)
+_DKDV_TAPA = {
+    64: [(64, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+    128: [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)],
+    256: [(128, 32, 8, 1), (64, 32, 4, 2), (64, 64, 4, 2), (64, 16, 4, 2)],
+}
+ENC_TAPA = 4  # hooks.ENC_TAPA
+# the rows of the kernels' score tiles and accumulators, as an index into a config tuple: the stationary block in
+# every kernel (queries in the forward and dq kernels; keys in the dk/dv kernel, which works on S^T = K Q^T, so its
+# streaming query block is only a column count and may be small)
+_ROWS = {"fwd": (0,), "dq": (0,), "dkdv": (0,)}
 ROWS_PER_WARP = 16
 _TABLES = {"fwd": _FWD, "dq": _DQ, "dkdv": _DKDV}
+_ENC_TABLES = {("dkdv", ENC_TAPA): _DKDV_TAPA}  # (kernel, encoding) -> its own table
 # fp32 tiles are twice the bytes and fp32 dots run on FMAs, not tensor cores: smaller blocks, 8 warps first (the
 # 4-warp configs spill 1-45 KB/thread under ptxas -v; head dim 256 with 64 x 32 overflows an H100's 227 KiB of
 # shared memory in the backward with inline rotation), per scripts/triton_aot.py
@@ -58,7 +71,8 @@ def configs(kind: str, names):
     if interpreter():
         return [triton.Config({names[0]: 16, names[1]: 16}, num_warps=4, num_stages=1)]
     seen, out = set(), []
-    for cfgs in list(_TABLES[kind].values()) + list(_FP32.values()):
+    extra = [t for (k, _), t in _ENC_TABLES.items() if k == kind]
+    for cfgs in [c for table in [_TABLES[kind], *extra, _FP32] for c in table.values()]:
         for c in cfgs:
             if c not in seen:
                 seen.add(c)
@@ -81,7 +95,7 @@ def pruner(kind: str, names):
         width = max(width, meta.get("BLOCK_DV", width))
         klass = 64 if width <= 64 else 128 if width <= 128 else 256
         fp32 = meta["DTYPE_KEY"] == "torch.float32"
-        wanted = (_FP32 if fp32 else _TABLES[kind])[klass]
+        wanted = (_FP32 if fp32 else _ENC_TABLES.get((kind, meta.get("ENC")), _TABLES[kind]))[klass]
         keep = []
         for c in wanted:
             if not fp32 and not enough_rows(kind, c):
