@@ -8,10 +8,10 @@ import triton
 import triton.language as tl
 
 from .fwd import bounds_args, dot_precision, enc_args, mask_args, table_strides
-from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, ENC_TAPA, block_query_range, head_layout, key_span,
-                    key_stages, key_tile, load_parts, part_dots, positions, program_ids, rotate, rotate_back,
-                    rotation_tables, score_grads, scores_log2, stage_len, stage_start, stage_tiles, store_part,
-                    tapa_omega, visible, visible_t)
+from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, ENC_TAPA, block_query_range, head_layout, join_parts,
+                    key_span, key_stages, key_tile, load_parts, part_dots, positions, program_ids, rotate, rotate_back,
+                    rotation_tables, score_grads, scores_log2, split_parts, stage_len, stage_start, stage_tiles,
+                    store_part, stream_layout, tapa_omega, visible, visible_t)
 from .plan import Plan, interpreter, launcher
 from .tuning import configs, pruner
 
@@ -78,6 +78,10 @@ def attn_bwd_dkdv_kernel(
     o_p1, m_p1, o_p2, m_p2, o_d1, o_d2, o_dv, m_dv = head_layout(IDX1, IDX2, P1, P2, DV, GATHER, BLOCK_P1, BLOCK_P2,
                                                                  BLOCK_DV)
     ROTATION: tl.constexpr = (ENC == ENC_ROTARY) or (ENC == ENC_FOPE)
+    # one product per tile: NoPE/ALiBi over the whole head, a rotation over its joined parts (hooks.stream_layout)
+    ONE: tl.constexpr = ONE_DOT or ROTATION
+    BLOCK_W1: tl.constexpr = BLOCK_P1 + BLOCK_P2 * ROTATION  # the width of part 1's products
+    o_s1, m_s1, o_s2, m_s2 = stream_layout(o_d1, m_p1, o_d2, m_p2, ROTATION, BLOCK_P1, BLOCK_P2)
 
     pos_n = positions(KPOS + i_b64 * stride_kpos_b, o_n, m_n, 0, DEFAULT_POS)
     p_tc = TC + i_b64 * stride_tab_b
@@ -106,8 +110,7 @@ def attn_bwd_dkdv_kernel(
         if ROTATION:
             b_cos, b_sin = rotation_tables(o_n, m_n, i_h, p_tc, p_ts, stride_tab_t, TAB_GROUP, o_p1, m_p1, P1)
             b_r1, b_r2 = rotate(b_k1, b_k2, b_cos, b_sin)
-            b_kr1 = b_r1.to(b_k1.dtype)
-            b_kr2 = b_r2.to(b_k2.dtype)
+            b_kr1 = join_parts(b_r1.to(b_k1.dtype), b_r2.to(b_k2.dtype))  # [BN, BP1 + BP2]
         slope = 0.0
         if ENC == ENC_ALIBI:
             slope = tl.load(SLOPES + i_b * stride_slope_b + i_h)
@@ -115,7 +118,7 @@ def attn_bwd_dkdv_kernel(
         p_do = DO + i_b64 * stride_dob + i_h.to(tl.int64) * stride_doh
         p_lse = LSE + (i_b64 * H + i_h) * LQ
         p_delta = DELTA + (i_b64 * H + i_h) * LQ
-        b_dkr1 = tl.zeros([BLOCK_N, BLOCK_P1], dtype=tl.float32)
+        b_dkr1 = tl.zeros([BLOCK_N, BLOCK_W1], dtype=tl.float32)
         b_dkr2 = tl.zeros([BLOCK_N, BLOCK_P2], dtype=tl.float32)
         # stage 0: interior query tiles (no mask), stage 1: the boundary ones (masked), as in the forward
         for stage in tl.static_range(2):
@@ -124,14 +127,14 @@ def attn_bwd_dkdv_kernel(
                 m_m = o_m < LQ
                 pos_m = positions(QPOS + i_b64 * stride_qpos_b, o_m, m_m, q_pos_offset, DEFAULT_POS)
                 # queries as stored: raw, or rotated once per call (rotate.py)
-                b_q1, b_q2 = load_parts(p_q, o_m, m_m, o_d1, m_p1, o_d2, m_p2, stride_qt, stride_qd, ONE_DOT)
+                b_q1, b_q2 = load_parts(p_q, o_m, m_m, o_s1, m_s1, o_s2, m_s2, stride_qt, stride_qd, ONE)
                 b_do = tl.load(p_do + o_m[:, None].to(tl.int64) * stride_dot + o_dv[None, :] * stride_dod,
                                mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
                 b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf"))
                 b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
                 # transposed tiles, keys as rows (the Triton tutorial's form): S^T = K Q^T, so P^T and dS^T feed
                 # the dV and dK products as they are, with no transpose of a score tile through shared memory
-                b_d1, b_d2 = part_dots(b_kr1, b_kr2, b_q1, b_q2, ENC, PREC, ONE_DOT)  # [BN, BM]
+                b_d1, b_d2 = part_dots(b_kr1, b_kr2, b_q1, b_q2, ENC, PREC, ONE)  # [BN, BM]
                 b_om = 0.0
                 if ENC == ENC_TAPA:
                     b_om = tapa_omega(pos_n, pos_m, phase, alpha, FAST)  # |m - n|: either orientation
@@ -144,10 +147,11 @@ def attn_bwd_dkdv_kernel(
                 b_dst = b_pt * (b_dpt - b_delta[None, :])
                 b_g1, b_g2 = score_grads(b_dst, b_t, b_d1, b_d2, b_om, scale, ENC, FAST, SOFTCAP)
                 b_dkr1 = tl.dot(b_g1.to(b_q1.dtype), b_q1, b_dkr1, input_precision=PREC)
-                if not ONE_DOT:
+                if not ONE:
                     b_dkr2 = tl.dot(b_g2.to(b_q2.dtype), b_q2, b_dkr2, input_precision=PREC)
         if ROTATION:
-            b_u1, b_u2 = rotate_back(b_dkr1, b_dkr2, b_cos, b_sin)
+            b_e1, b_e2 = split_parts(b_dkr1)  # the rotated-frame gradient's parts
+            b_u1, b_u2 = rotate_back(b_e1, b_e2, b_cos, b_sin)
             b_dk1 += b_u1
             b_dk2 += b_u2
             if FOPE_GRAD:
@@ -156,8 +160,8 @@ def attn_bwd_dkdv_kernel(
                 b_kf2 = b_k2.to(tl.float32)
                 o_tab = ((i_b64 * LK + o_n[:, None].to(tl.int64)) * H + i_h) * P1 + o_p1[None, :]
                 m_tab = m_n[:, None] & m_p1[None, :]
-                tl.store(DCK + o_tab, b_dkr1 * b_kf1 + b_dkr2 * b_kf2, mask=m_tab)
-                tl.store(DSK + o_tab, b_dkr2 * b_kf1 - b_dkr1 * b_kf2, mask=m_tab)
+                tl.store(DCK + o_tab, b_e1 * b_kf1 + b_e2 * b_kf2, mask=m_tab)
+                tl.store(DSK + o_tab, b_e2 * b_kf1 - b_e1 * b_kf2, mask=m_tab)
         else:
             b_dk1 += b_dkr1
             b_dk2 += b_dkr2
@@ -201,6 +205,9 @@ def attn_bwd_dq_kernel(
     o_p1, m_p1, o_p2, m_p2, o_d1, o_d2, o_dv, m_dv = head_layout(IDX1, IDX2, P1, P2, DV, GATHER, BLOCK_P1, BLOCK_P2,
                                                                  BLOCK_DV)
     ROTATION: tl.constexpr = (ENC == ENC_ROTARY) or (ENC == ENC_FOPE)
+    ONE: tl.constexpr = ONE_DOT or ROTATION  # one product per tile, as in the dk/dv kernel
+    BLOCK_W1: tl.constexpr = BLOCK_P1 + BLOCK_P2 * ROTATION
+    o_s1, m_s1, o_s2, m_s2 = stream_layout(o_d1, m_p1, o_d2, m_p2, ROTATION, BLOCK_P1, BLOCK_P2)
 
     pos_m = positions(QPOS + i_b64 * stride_qpos_b, o_m, m_m, q_pos_offset, DEFAULT_POS)
     p_tc = TC + i_b64 * stride_tab_b
@@ -212,8 +219,7 @@ def attn_bwd_dq_kernel(
     if ROTATION:
         b_cos, b_sin = rotation_tables(o_m, m_m, i_h, p_tc, p_ts, stride_tab_t, TAB_GROUP, o_p1, m_p1, P1)
         b_r1, b_r2 = rotate(b_q1, b_q2, b_cos, b_sin)
-        b_qr1 = b_r1.to(b_q1.dtype)
-        b_qr2 = b_r2.to(b_q2.dtype)
+        b_qr1 = join_parts(b_r1.to(b_q1.dtype), b_r2.to(b_q2.dtype))  # [BM, BP1 + BP2]
     slope = 0.0
     if ENC == ENC_ALIBI:
         slope = tl.load(SLOPES + i_b * stride_slope_b + i_h)
@@ -224,7 +230,7 @@ def attn_bwd_dq_kernel(
     p_k = K + i_b64 * stride_kb + (i_h // K_GROUP).to(tl.int64) * stride_kh
     p_v = V + i_b64 * stride_vb + (i_h // KV_GROUP).to(tl.int64) * stride_vh
 
-    b_dq1 = tl.zeros([BLOCK_M, BLOCK_P1], dtype=tl.float32)
+    b_dq1 = tl.zeros([BLOCK_M, BLOCK_W1], dtype=tl.float32)
     b_dq2 = tl.zeros([BLOCK_M, BLOCK_P2], dtype=tl.float32)
     b_dslope = tl.zeros([BLOCK_M], dtype=tl.float32)
     lo, n_beg, n_end, n_tiles, t_a, t_b = key_stages(
@@ -236,10 +242,10 @@ def attn_bwd_dq_kernel(
             start_n = stage_start(stage, i_t, lo, t_a, t_b, BLOCK_N)
             o_n, m_n, pos_n = key_tile(start_n, n_beg, n_end, KPOS + i_b64 * stride_kpos_b, KLEN_LEFT, DEFAULT_POS,
                                        BLOCK_N)
-            b_k1, b_k2 = load_parts(p_k, o_n, m_n, o_d1, m_p1, o_d2, m_p2, stride_kt, stride_kd, ONE_DOT)
+            b_k1, b_k2 = load_parts(p_k, o_n, m_n, o_s1, m_s1, o_s2, m_s2, stride_kt, stride_kd, ONE)
             b_v = tl.load(p_v + o_n[:, None].to(tl.int64) * stride_vt + o_dv[None, :] * stride_vd,
                           mask=m_n[:, None] & m_dv[None, :], other=0.0)
-            b_d1, b_d2 = part_dots(b_qr1, b_qr2, b_k1, b_k2, ENC, PREC, ONE_DOT)
+            b_d1, b_d2 = part_dots(b_qr1, b_qr2, b_k1, b_k2, ENC, PREC, ONE)
             b_om = 0.0
             if ENC == ENC_TAPA:
                 b_om = tapa_omega(pos_m, pos_n, phase, alpha, FAST)
@@ -253,18 +259,19 @@ def attn_bwd_dq_kernel(
                 b_dslope += tl.sum(b_ds * tl.abs(pos_m[:, None] - pos_n[None, :]).to(tl.float32), 1)
             b_g1, b_g2 = score_grads(b_ds, b_t, b_d1, b_d2, b_om, scale, ENC, FAST, SOFTCAP)
             b_dq1 = tl.dot(b_g1.to(b_k1.dtype), b_k1, b_dq1, input_precision=PREC)
-            if not ONE_DOT:
+            if not ONE:
                 b_dq2 = tl.dot(b_g2.to(b_k2.dtype), b_k2, b_dq2, input_precision=PREC)
 
     if ROTATION:
+        b_e1, b_e2 = split_parts(b_dq1)  # the rotated-frame gradient's parts
         if FOPE_GRAD:
             b_qf1 = b_q1.to(tl.float32)
             b_qf2 = b_q2.to(tl.float32)
             o_tab = ((i_b64 * LQ + o_m[:, None].to(tl.int64)) * H + i_h) * P1 + o_p1[None, :]
             m_tab = m_m[:, None] & m_p1[None, :]
-            tl.store(DCQ + o_tab, b_dq1 * b_qf1 + b_dq2 * b_qf2, mask=m_tab)
-            tl.store(DSQ + o_tab, b_dq2 * b_qf1 - b_dq1 * b_qf2, mask=m_tab)
-        b_dq1, b_dq2 = rotate_back(b_dq1, b_dq2, b_cos, b_sin)
+            tl.store(DCQ + o_tab, b_e1 * b_qf1 + b_e2 * b_qf2, mask=m_tab)
+            tl.store(DSQ + o_tab, b_e2 * b_qf1 - b_e1 * b_qf2, mask=m_tab)
+        b_dq1, b_dq2 = rotate_back(b_e1, b_e2, b_cos, b_sin)
     p_dq = DQ + i_b64 * stride_dqb + i_h.to(tl.int64) * stride_dqh
     store_part(p_dq, b_dq1.to(DQ.dtype.element_ty), o_m, m_m, o_d1, m_p1, stride_dqt, stride_dqd)
     if not ONE_DOT:
@@ -278,7 +285,7 @@ def attn_bwd(do, q, k, v, out, lse, q_pos, k_pos, plan: Plan, causal: bool, defa
              bounds=None, k_lengths=None, k_left: bool = False, window=None, softcap=None):
     """Launch the backward kernels.
 
-    ``q_rot`` (B, Lq, H, D) and ``k_rot`` (B, Lk, Hk', D) are the pre-rotated streaming operands (rotations
+    ``q_rot`` (B, Lq, H, 2 BP) and ``k_rot`` (B, Lk, Hk', 2 BP) are the pre-rotated streaming operands (rotations
     only). Returns ``dq, dk, dv`` and, for learnable FoPE, the table gradients ``(dC, dS)`` of shape (B, rows, H, P)
     for the queries and the keys (else ``None``), and
     ALiBi's ``dL/dslopes`` ``(B, H)`` float32 when ``slope_grad`` (else ``None``).

@@ -7,8 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .hooks import (ENC_ALIBI, ENC_TAPA, head_layout, key_stages, key_tile, load_encoded, load_parts, part_dots,
-                    positions, program_ids, scores_log2, stage_len, stage_start, tapa_omega, visible)
+from .hooks import (ENC_ALIBI, ENC_FOPE, ENC_ROTARY, ENC_TAPA, head_layout, join_parts, key_stages, key_tile,
+                    load_encoded, load_parts, part_dots, positions, program_ids, scores_log2, stage_len, stage_start,
+                    stream_layout, tapa_omega, visible)
 from .plan import Plan, interpreter, launcher
 from .tuning import configs, pruner
 
@@ -56,6 +57,12 @@ def attn_fwd_kernel(
     p_ts = TS + i_b64 * stride_tab_b
     b_q1, b_q2 = load_encoded(p_q, o_m, m_m, o_d1, m_p1, o_d2, m_p2, stride_qt, stride_qd, i_h, p_tc, p_ts,
                               stride_tab_t, TAB_GROUP, o_p1, m_p1, P1, ENC, ONE_DOT)
+    # a rotation's parts as one [BM, BP1 + BP2] tile, against the keys' pre-rotated rows: one product per tile
+    ROTATION: tl.constexpr = (ENC == ENC_ROTARY) or (ENC == ENC_FOPE)
+    ONE: tl.constexpr = ONE_DOT or ROTATION
+    if ROTATION:
+        b_q1 = join_parts(b_q1, b_q2)
+    o_s1, m_s1, o_s2, m_s2 = stream_layout(o_d1, m_p1, o_d2, m_p2, ROTATION, BLOCK_P1, BLOCK_P2)
     slope = 0.0
     if ENC == ENC_ALIBI:
         slope = tl.load(SLOPES + i_b * stride_slope_b + i_h)
@@ -78,8 +85,8 @@ def attn_fwd_kernel(
             o_n, m_n, pos_n = key_tile(start_n, n_beg, n_end, KPOS + i_b64 * stride_kpos_b, KLEN_LEFT, DEFAULT_POS,
                                        BLOCK_N)
             # keys as stored: raw, or rotated once per call (rotate.py)
-            b_k1, b_k2 = load_parts(p_k, o_n, m_n, o_d1, m_p1, o_d2, m_p2, stride_kt, stride_kd, ONE_DOT)
-            b_d1, b_d2 = part_dots(b_q1, b_q2, b_k1, b_k2, ENC, PREC, ONE_DOT)
+            b_k1, b_k2 = load_parts(p_k, o_n, m_n, o_s1, m_s1, o_s2, m_s2, stride_kt, stride_kd, ONE)
+            b_d1, b_d2 = part_dots(b_q1, b_q2, b_k1, b_k2, ENC, PREC, ONE)
             b_om = 0.0
             if ENC == ENC_TAPA:
                 b_om = tapa_omega(pos_m, pos_n, phase, alpha, FAST)
@@ -146,7 +153,8 @@ def attn_fwd(q, k, v, q_pos, k_pos, plan: Plan, causal: bool, default_pos: bool,
              bounds=None, k_lengths=None, num_splits: int = 1, k_left: bool = False, window=None, softcap=None):
     """Launch the forward kernel.
 
-    q: (B, Lq, H, D) raw; k: (B, Lk, Hk, D) raw, or pre-rotated (``rotate.rotate_tensor``) for a rotation;
+    q: (B, Lq, H, D) raw; k: (B, Lk, Hk, D) raw, or for a rotation pre-rotated (``rotate.rotate_tensor``: (B, Lk, Hk,
+    2 BP), the kernels' order);
     v: (B, Lk, Hkv, Dv); q_pos/k_pos: (Bp, L) int64; ``bounds``: ``bounds.tile_bounds`` of the positions
     (causal or windowed with caller-given positions; else ``None``); ``k_lengths`` (B,) int32: only keys
     ``n < k_lengths[b]`` take part (``k_left``: ``n >= Lk - k_lengths[b]``), or ``None``; ``window`` ``(left,

@@ -56,6 +56,33 @@ def head_layout(IDX1, IDX2, P1, P2, DV, GATHER: tl.constexpr, BLOCK_P1: tl.const
 
 
 @triton.jit
+def stream_layout(o_d1, m_d1, o_d2, m_d2, ROTATION: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr):
+    """Head-dim offsets and masks ``(o_1, m_1, o_2, m_2)`` of a kernel's streaming operand: the head's parts as stored
+    (:func:`head_layout`), or for a rotation the pre-rotated buffer's whole row ``[0, BP1 + BP2)``, which
+    ``rotate.rotate_tensor`` writes in the kernel's order (part 1, then part 2, padding zeroed): one contiguous load
+    and one product per tile whatever the layout (half, interleaved, partial)."""
+    if ROTATION:
+        o_w = tl.arange(0, BLOCK_P1 + BLOCK_P2)
+        m_w = o_w < BLOCK_P1 + BLOCK_P2
+        o_1, m_1, o_2, m_2 = o_w, m_w, o_w, m_w
+    else:
+        o_1, m_1, o_2, m_2 = o_d1, m_d1, o_d2, m_d2
+    return o_1, m_1, o_2, m_2
+
+
+@triton.jit
+def join_parts(x1, x2):
+    """``[BR, BP]`` parts -> ``[BR, 2 BP]``, part 1 then part 2 (the rotated buffers' order, :func:`stream_layout`)."""
+    return tl.reshape(tl.permute(tl.join(x1, x2), (0, 2, 1)), (x1.shape[0], 2 * x1.shape[1]))
+
+
+@triton.jit
+def split_parts(x):
+    """The inverse of :func:`join_parts`: ``[BR, 2 BP]`` -> its two ``[BR, BP]`` parts."""
+    return tl.split(tl.permute(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)), (0, 2, 1)))
+
+
+@triton.jit
 def positions(p_pos, o_r, m_r, pos_offset, DEFAULT_POS: tl.constexpr):
     """int32 positions of rows ``o_r``: ``o_r + pos_offset`` by default, else loaded (int64 in memory).
 

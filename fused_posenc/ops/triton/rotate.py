@@ -6,8 +6,9 @@ or RoPE/HoPE's ``scale_j cos(angle_j)``, ``scale_j sin(angle_j)`` built here onc
 positions (``rope_table_kernel``: one exact angle per (row, pair), shared by every head, where the kernels used to
 evaluate a sin and a cos per (row, head, pair) and per tile). The attention kernels rotate their stationary tile
 (q in the forward and dq kernels, k in the dk/dv kernel) as they load it; the streaming side is rotated once here
-into an O(seqlen) buffer in the input dtype, one program per block of rows for all heads (the tables are read
-once for all of them).
+into an O(seqlen) buffer in the input dtype and the kernels' order (every pair's two elements in the buffer's two
+halves, so a tile is one contiguous load for one product), one program per block of rows for all heads (the tables
+are read once for all of them).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def rope_table_kernel(POS, FREQ, FSCALE, TC, TS, stride_pos_b, T, P, BLOCK_T: tl
 def rotate_fwd_kernel(
     X, Y, IDX1, IDX2, TC, TS,
     stride_xb, stride_xt, stride_xh, stride_xd,
-    stride_yb, stride_yt, stride_yh, stride_yd,
+    stride_yb, stride_yt, stride_yh,
     stride_tab_b, stride_tab_t, T, H_OUT, X_GROUP, TABLE_HEAD_STEP, TAB_GROUP, P,
     ONE_TABLE: tl.constexpr, GATHER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -73,9 +74,10 @@ def rotate_fwd_kernel(
         p_x = X + i_b * stride_xb + (i_h // X_GROUP) * stride_xh
         b_x1, b_x2 = load_parts(p_x, o_t, m_t, o_d1, m_p, o_d2, m_p, stride_xt, stride_xd)
         b_y1, b_y2 = rotate(b_x1, b_x2, b_cos, b_sin)
+        # the kernels' order: part 1 in [0, BP), part 2 in [BP, 2 BP), padding as zeros (hooks.stream_layout)
         p_y = Y + i_b * stride_yb + i_h * stride_yh
-        store_part(p_y, b_y1.to(Y.dtype.element_ty), o_t, m_t, o_d1, m_p, stride_yt, stride_yd)
-        store_part(p_y, b_y2.to(Y.dtype.element_ty), o_t, m_t, o_d2, m_p, stride_yt, stride_yd)
+        store_part(p_y, b_y1.to(Y.dtype.element_ty), o_t, m_t, o_p, o_p < BLOCK_P, stride_yt, 1)
+        store_part(p_y, b_y2.to(Y.dtype.element_ty), o_t, m_t, BLOCK_P + o_p, o_p < BLOCK_P, stride_yt, 1)
 
 
 def rope_tables(plan: Plan, pos: torch.Tensor):
@@ -97,8 +99,11 @@ def rotate_block_t(t: int, block_p: int) -> int:
 
 
 def rotate_tensor(x: torch.Tensor, plan: Plan, heads_out: int, tables, nheads: int = 0) -> torch.Tensor:
-    """Rotate ``x (B, T, Hx, D)`` into a new ``(B, T, heads_out, D)`` tensor in x's dtype, with ``tables`` ``(cos,
-    sin)`` ``(Bt, T, Ht, P)`` float32 of its rows (``rope_tables``, ``fope_tables``).
+    """Rotate ``x (B, T, Hx, D)`` into a new ``(B, T, heads_out, 2 BP)`` tensor in x's dtype (``BP`` = the pairs
+    padded to a power of two), with ``tables`` ``(cos, sin)`` ``(Bt, T, Ht, P)`` float32 of its rows
+    (``rope_tables``, ``fope_tables``). The head is stored in the kernels' order, every pair's first element in
+    ``[0, BP)`` and its second in ``[BP, 2 BP)`` whatever x's layout (half, interleaved, partial), padding zeroed: a
+    kernel reads a row as one contiguous tile for one product (``hooks.stream_layout``).
 
     Output head ``h`` reads input head ``h // (heads_out // Hx)`` and uses the tables of query head
     ``h * (nheads // heads_out)`` (the first query head of its group when ``heads_out`` counts kv heads).
@@ -106,12 +111,12 @@ def rotate_tensor(x: torch.Tensor, plan: Plan, heads_out: int, tables, nheads: i
     b, t, hx, d = x.shape
     nheads = max(nheads, heads_out)
     tab_b, tab_t, tab_group = table_strides(plan, tables, nheads)
-    y = torch.empty(b, t, heads_out, d, device=x.device, dtype=x.dtype)
+    y = torch.empty(b, t, heads_out, 2 * plan.block_p1, device=x.device, dtype=x.dtype)
     block_t = rotate_block_t(t, plan.block_p1)
     grid = (triton.cdiv(t, block_t) * b,)
     launcher(rotate_fwd_kernel)[grid](
         x, y, plan.idx1, plan.idx2, tables[0], tables[1],
-        *x.stride(), *y.stride(), tab_b, tab_t,
+        *x.stride(), *y.stride()[:3], tab_b, tab_t,
         t, heads_out, heads_out // hx, nheads // heads_out, tab_group, plan.p1,
         ONE_TABLE=tables[0].shape[2] == 1, GATHER=plan.gather, BLOCK_T=block_t, BLOCK_P=plan.block_p1,
     )
