@@ -175,6 +175,16 @@ def test_one_positions_tensor_for_queries_and_keys():
     assert e.graph_break_count == 0, [r.reason for r in e.break_reasons]
 
 
+def _assert_same_outputs_and_grads(f, compiled, wrt, do, tol):
+    """``f(q, k, v)`` and ``compiled(q, k, v)`` (``wrt[:3]``) give the same output and gradients w.r.t. ``wrt``."""
+    results = []
+    for fn in (f, compiled):
+        out = fn(*wrt[:3])
+        results.append([out, *torch.autograd.grad(out, wrt, do)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("name", ["rope", "fope-learnable", "alibi-learnable"])
 def test_triton_backend_compiles_fullgraph(name):
     # the Triton launches are custom ops too (ops/triton/autograd.py): on a GPU or, here, the Triton interpreter
@@ -199,12 +209,7 @@ def test_triton_backend_compiles_fullgraph(name):
     assert e.graph_break_count == 0, [r.reason for r in e.break_reasons]
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     do = torch.randn(1, 9, 4, 16, generator=g).to(dev)
-    results = []
-    for fn in (f, compiled):
-        out = fn(q, k, v)
-        results.append([out, *torch.autograd.grad(out, [q, k, v, *params], do)])
-    for a, b in zip(*results):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    _assert_same_outputs_and_grads(f, compiled, [q, k, v, *params], do, 1e-6)
 
 
 @pytest.mark.parametrize("name", ["rope", "fope-learnable", "alibi-learnable", "tapa"])
@@ -233,12 +238,7 @@ def test_triton_inductor_on_gpu_equals_eager(name):
     compiled = torch.compile(f, fullgraph=True)
     do = torch.randn(2, 77, 4, 16, generator=g).cuda()
     for _ in range(2):
-        results = []
-        for fn in (f, compiled):
-            out = fn(q, k, v)
-            results.append([out, *torch.autograd.grad(out, [q, k, v, *params], do)])
-        for a, b in zip(*results):
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        _assert_same_outputs_and_grads(f, compiled, [q, k, v, *params], do, 1e-4)
         with torch.no_grad():
             for t in params:
                 t.mul_(0.9)
