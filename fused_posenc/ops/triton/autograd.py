@@ -12,7 +12,7 @@ from ..native import lse_grad_pass
 from .bounds import tile_bounds
 from .bwd import attn_bwd
 from .fwd import attn_fwd
-from .plan import Plan, interpreter, make_plan, traced
+from .plan import ENC_CODES, Plan, interpreter, make_plan, traced
 from .rotate import rope_tables, rotate_tensor
 
 _PLANS = PerEncodingCache()
@@ -32,9 +32,9 @@ def _plan_of(enc_id: int, q, k, scale: float, fope_learnable: bool, slopes) -> P
     b, _, h, d = q.shape
     enc = encoding_by_id(enc_id)
     plan = (_traced_plan if traced(q) else _cached_plan)(enc, d, h, k.shape[2], b, q.device, scale)
-    if plan.enc == 2:
+    if plan.enc == ENC_CODES["fope"]:
         plan = Plan(**{**plan.__dict__, "fope_learnable": fope_learnable})
-    if plan.enc == 3 and slopes.numel():
+    if plan.enc == ENC_CODES["alibi"] and slopes.numel():
         stride_b = slopes.shape[1] if slopes.shape[0] > 1 else 0
         plan = Plan(**{**plan.__dict__, "slopes": slopes, "slope_stride_b": stride_b})
     return plan

@@ -9,7 +9,7 @@ import os
 
 import triton
 
-from .plan import interpreter
+from .plan import ENC_CODES, interpreter
 
 # (stationary block, streaming block, warps, stages), best-first guesses per head-dim class
 _FWD = {
@@ -42,7 +42,7 @@ _DKDV_TAPA = {
     128: [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)],
     256: [(128, 32, 8, 1), (64, 32, 4, 2), (64, 64, 4, 2), (64, 16, 4, 2)],
 }
-ENC_TAPA = 4  # hooks.ENC_TAPA
+ENC_TAPA = ENC_CODES["tapa"]  # the kernels' ENC of TAPA
 # the rows of the kernels' score tiles and accumulators, as an index into a config tuple: the stationary block in
 # every kernel (queries in the forward and dq kernels; keys in the dk/dv kernel, which works on S^T = K Q^T, so its
 # streaming query block is only a column count and may be small)
